@@ -77,7 +77,7 @@ def _download(repo: str, filename: str, revision: Optional[str], what: str) -> P
             f'prefetch it on a connected machine with `eobackbones download {what}` and copy {_hf_cache()}') from None
     except EntryNotFoundError:
         raise WeightsNotFoundError(f'{what}: {where} does not exist on the Hub') from None
-    except (OSError, ValueError) as e:  # interrupted transfer, consistency check, HTTP errors
+    except Exception as e:  # interrupted transfer (httpx), consistency check, other HTTP errors
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise WeightsNotFoundError(f'{what}: download of {where} failed ({first}); run the same command again to resume') from None
     return Path(path)
