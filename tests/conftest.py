@@ -95,3 +95,53 @@ def local_hub(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPath
         reset_hf_http_session()
         yield hub
     reset_hf_http_session()
+
+
+@pytest.fixture
+def no_retry_sleep(monkeypatch):
+    """Skip huggingface_hub's pauses between retries (1 s per resumed download, 1+2+4+8+8 s of HEAD backoff)."""
+    import time
+
+    from huggingface_hub import file_download as _fd
+    from huggingface_hub.utils import _http as _hf_http
+
+    class _Time:
+        def __getattr__(self, name):
+            return getattr(time, name)
+
+        @staticmethod
+        def sleep(_seconds):
+            pass
+
+    monkeypatch.setattr(_fd, "time", _Time())
+    monkeypatch.setattr(_hf_http, "time", _Time())
+
+
+
+
+# ---------------------------------------------------------------------------
+# Test-only models and weights entries
+# ---------------------------------------------------------------------------
+
+import tiny_models  # noqa: E402,F401  (registers test_tiny_cnn for the whole session)
+
+
+@pytest.fixture
+def register_weights():
+    """Register manifest entries for the duration of one test: ``register_weights(name, entry_dict)``."""
+    from eobackbones.hub.manifest import parse_entry
+    from eobackbones.models import register_pretrained, unregister_pretrained
+    from eobackbones.models._registry import _ensure_manifest
+
+    _ensure_manifest()
+    added = []
+
+    def _register(name, entry, specs=None):
+        cfg = parse_entry(name, entry, specs)
+        register_pretrained(cfg)
+        added.append(name)
+        return cfg
+
+    yield _register
+    for name in added:
+        unregister_pretrained(name)

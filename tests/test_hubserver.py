@@ -28,22 +28,6 @@ WEIGHTS = "model.safetensors"  # LFS by the Hub's default patterns
 CONFIG = "config.json"  # a regular git file
 
 
-@pytest.fixture
-def no_retry_sleep(monkeypatch):
-    """Skip huggingface_hub's pauses between retries (1 s per resumed download, 1+2+4+8+8 s of HEAD backoff)."""
-
-    class _Time:
-        def __getattr__(self, name):
-            return getattr(time, name)
-
-        @staticmethod
-        def sleep(_seconds):
-            pass
-
-    monkeypatch.setattr(file_download, "time", _Time())
-    monkeypatch.setattr(hf_http, "time", _Time())
-
-
 def _payload(size: int, seed: int = 0) -> bytes:
     return bytes((i * 31 + seed) % 251 for i in range(size))
 
