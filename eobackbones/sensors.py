@@ -1,8 +1,9 @@
 """Sensor catalogue: canonical band names with centre wavelengths (micrometres) per sensor.
 
 The numbers live in ``sensors.yaml`` beside this file; this module only reads and looks them up.
-Band names are resolved unqualified when exactly one sensor has them (``B04``, ``B8A``, ``VV``) and
-qualified otherwise (``landsat8:B4``, ``enmap:B48``).
+Unqualified band names are Sentinel-2 / Sentinel-1 names first (``B04``, ``B8A``, ``B11``, ``VV``: the
+convention of most EO datasets); any other sensor's band is unqualified only when no other sensor has
+that name, and otherwise is written ``sensor:band`` (``landsat8:B10``, ``enmap:B48``).
 """
 from dataclasses import dataclass
 from functools import lru_cache
@@ -14,6 +15,9 @@ import yaml
 from .errors import UnknownBandError
 
 __all__ = ['Band', 'Sensor', 'get_sensor', 'list_sensors', 'resolve_band', 'resolve_bands', 'band_wavelengths']
+
+
+_PRIMARY = ('sentinel2', 'sentinel1')
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,9 @@ def resolve_band(name: str, sensor: Optional[str] = None) -> Band:
         if name not in s.bands:
             raise UnknownBandError(f'sensor {sensor!r} has no band {name!r}; its bands: {", ".join(s.band_names[:20])}')
         return s.bands[name]
+    for primary in _PRIMARY:
+        if name in cat[primary].bands:
+            return cat[primary].bands[name]
     hits = [s.bands[name] for s in cat.values() if name in s.bands]
     if len(hits) == 1:
         return hits[0]
