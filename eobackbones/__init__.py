@@ -7,4 +7,5 @@ from .models import (
     register_model, register_pretrained)
 from .spec import InputSpec, ModalitySpec
 from .transforms import example_input
+from .optimize import optimize_for_inference
 from . import sensors, transforms

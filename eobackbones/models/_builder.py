@@ -86,9 +86,14 @@ def _materialize(model: nn.Module) -> None:
     for mod in model.modules():
         own = list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False))
         if any(t.is_meta for _, t in own):
+            # to_empty / reset_parameters act on ALL of the module's own tensors: keep the loaded ones
+            loaded = {n: t.detach() for n, t in own if not t.is_meta}
             mod.to_empty(device='cpu', recurse=False)
             if hasattr(mod, 'reset_parameters'):
                 mod.reset_parameters()
+            with torch.no_grad():
+                for n, t in loaded.items():
+                    getattr(mod, n).copy_(t)
     if hasattr(model, 'init_non_persistent_buffers'):
         model.init_non_persistent_buffers()
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
