@@ -6,6 +6,7 @@ zhu-xlab/DOFA (and torchgeo's port) so their state dicts load unchanged:
 ``fclayer.w{1,2}``, ``weight_generator.{transformer_encoder.layers.0.*, fc_weight, fc_bias,
 weight_tokens, bias_token}``.
 """
+import contextlib
 from collections import OrderedDict
 from typing import List, Literal, Optional, Sequence, Tuple, Union
 
@@ -168,7 +169,10 @@ class DynamicPatchEmbed(nn.Module):
         """Kernel (D, C, k, k) and bias (D,) for wavelengths in micrometres, in the parameters' dtype."""
         k, d = self.patch_size, self.embed_dim
         p = self.fclayer.w1.weight
-        with torch.autocast(device_type=p.device.type, enabled=False):
+        # fp32 hypernetwork under autocast; devices without autocast (meta: shape-only builds) need no guard
+        no_autocast = (torch.autocast(device_type=p.device.type, enabled=False)
+                       if torch.amp.is_autocast_available(p.device.type) else contextlib.nullcontext())
+        with no_autocast:
             waves = sincos_1d(wavelengths_um.to(device=p.device, dtype=torch.float32) * 1000, self.dynamic_embed_dim)
             waves = self.fclayer(waves.to(p.dtype))
             weight, bias = self.weight_generator(waves)  # (C, k * k * D), (D,)
