@@ -14,7 +14,7 @@ __all__ = ['main', 'build_parser']
 # family name on the command line -> module with convert_checkpoint(checkpoint, out_dir, **opts)
 CONVERT_FAMILIES = {
     'dofa': 'eobackbones.models.dofa',
-    'sslrs': 'eobackbones.models.dual_simclr',
+    'sslrs': 'eobackbones.models.sslrs',
 }
 
 

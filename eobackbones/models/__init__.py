@@ -9,3 +9,5 @@ from ._registry import (
     register_model, register_pretrained, split_model_name_tag, unregister_pretrained)
 
 # families (import order = nothing; each registers its own entrypoints)
+from . import sslrs  # noqa: F401
+from . import dofa  # noqa: F401

@@ -98,10 +98,14 @@ def _create_from_dir(source: str, rest: str, pretrained: Union[bool, str], **kwa
     model = create_model(conf['architecture'], pretrained=False, **args)
     state_dict = load_file(str(weights_path))
     allow = ()
-    if 'num_classes' in kwargs and kwargs['num_classes'] != (conf.get('model_args') or {}).get('num_classes', kwargs['num_classes']):
-        prefix = model.classifier_prefix
-        state_dict = {k: v for k, v in state_dict.items() if not k.startswith(prefix + '.')}
-        allow = (prefix + '.*',)
+    if 'num_classes' in kwargs:
+        # the saved head may not fit the requested one (model_args need not record num_classes): compare tensors
+        prefix = model.classifier_prefix + '.'
+        own = {k: tuple(v.shape) for k, v in model.state_dict().items() if k.startswith(prefix)}
+        saved = {k: tuple(v.shape) for k, v in state_dict.items() if k.startswith(prefix)}
+        if own != saved:
+            state_dict = {k: v for k, v in state_dict.items() if not k.startswith(prefix)}
+            allow = (prefix + '*',)
     load_state_dict_strict(model, state_dict, allow, source=where)
     if conf.get('input_spec'):
         model.input_spec = InputSpec.from_dict(conf['input_spec'])
