@@ -10,14 +10,12 @@ import torch.nn.functional as F
 import eobackbones as eb
 from eobackbones.errors import CheckpointFormatError, InvalidInputError, UnknownBandError
 from eobackbones.layers import sincos_2d_pos_embed
-from eobackbones.models import PretrainedCfg, register_model
-from eobackbones.models._registry import register_arch_cfg
-from eobackbones.models.dofa import DEFAULT_BANDS, DOFA, _create_dofa, convert_checkpoint, dofa_input_spec
+from eobackbones.models.dofa import DEFAULT_BANDS, DOFA, convert_checkpoint, dofa_input_spec
 from eobackbones.sensors import band_wavelengths, get_sensor, resolve_bands
 
 tgd = pytest.importorskip('torchgeo.models.dofa')
 
-TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4)
+from tiny_models import TINY_DOFA as TINY
 S2_13 = band_wavelengths(['B01', 'B02', 'B03', 'B04', 'B05', 'B06', 'B07', 'B08', 'B8A', 'B09', 'B10', 'B11', 'B12'])
 _ENMAP = get_sensor('enmap')
 CHANNEL_SETS = {
@@ -28,19 +26,6 @@ CHANNEL_SETS = {
     202: [_ENMAP.bands[b].wavelength_um for b in _ENMAP.default_subset],
 }
 TOL = 1e-5
-
-
-def _register_test_dofa():
-    # a tiny architecture for fast tests; registered here only, never in the package
-    def test_dofa(pretrained: bool = False, **kwargs) -> DOFA:
-        """Tiny DOFA (patch 8, dim 64, depth 2) for tests."""
-        return _create_dofa('test_dofa', pretrained, **dict(TINY, **kwargs))
-    register_model(test_dofa)
-    register_arch_cfg(PretrainedCfg('test_dofa', input_spec=dofa_input_spec(
-        resolve_bands(list(DEFAULT_BANDS)), band_wavelengths(list(DEFAULT_BANDS)), TINY['patch_size'], TINY['img_size'])))
-
-
-_register_test_dofa()
 
 
 def _randomize(tg: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

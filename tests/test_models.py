@@ -22,8 +22,9 @@ LIGHT = [m for m in MODELS if not any(fnmatch.fnmatch(m, p) for p in HEAVY)]
 def _size(spec: InputSpec) -> int:
     if spec.fixed_size:
         return spec.image_size[0]
-    m = max(spec.size_multiple, 32)
-    return max(m, (min(spec.image_size[0], MAX_FWD_SIZE) // m) * m)
+    if spec.size_multiple > 1:  # ViTs: a 4x4 patch grid, so every pyramid level (down to 2 * patch) exists
+        return spec.size_multiple * 4
+    return min(spec.image_size[0], MAX_FWD_SIZE)
 
 
 def _input(model, batch_size=2):

@@ -13,8 +13,8 @@ def test_list_models_patterns_and_natural_sort():
     names = list_models()
     assert 'test_tiny_cnn' in names
     assert names == sorted(names, key=_natural_key)
-    assert list_models('test_*') == ['test_tiny_cnn']
-    assert list_models('test_*', exclude='*tiny*') == []
+    assert list_models('test_*') == ['test_dofa', 'test_tiny_cnn']
+    assert list_models('test_*', exclude='*tiny*') == ['test_dofa']
     assert sorted(['m10', 'm2', 'm1'], key=_natural_key) == ['m1', 'm2', 'm10']
 
 
@@ -23,6 +23,7 @@ def test_list_models_filters_by_modality_and_sensor():
     assert 'test_tiny_cnn' not in list_models(modality='s1')
     assert 'test_tiny_cnn' in list_models(sensor='sentinel2')
     assert 'test_tiny_cnn' not in list_models(sensor='landsat8')
+    assert 'test_dofa' in list_models(sensor='landsat8')  # any-band models match every sensor
 
 
 def test_pretrained_listing_and_default_tag(register_weights):

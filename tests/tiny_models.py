@@ -101,3 +101,20 @@ register_arch_cfg(PretrainedCfg('test_tiny_cnn', input_spec=TINY_SPEC, notes='te
 def test_tiny_cnn(pretrained: bool = False, **kwargs) -> TinyCNN:
     """A tiny 3-stage CNN (tests only)."""
     return build_model_with_cfg(TinyCNN, 'test_tiny_cnn', pretrained, **kwargs)
+
+
+# ---------------------------------------------------------------- a tiny DOFA (the real family, small dims)
+from eobackbones.models.dofa import DEFAULT_BANDS, DOFA, _create_dofa, dofa_input_spec  # noqa: E402
+from eobackbones.sensors import band_wavelengths, resolve_bands  # noqa: E402
+
+TINY_DOFA = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4)
+
+register_arch_cfg(PretrainedCfg('test_dofa', input_spec=dofa_input_spec(
+    resolve_bands(list(DEFAULT_BANDS)), band_wavelengths(list(DEFAULT_BANDS)), TINY_DOFA['patch_size'],
+    TINY_DOFA['img_size'])))
+
+
+@register_model
+def test_dofa(pretrained: bool = False, **kwargs) -> DOFA:
+    """Tiny DOFA (patch 8, dim 64, depth 2) for tests."""
+    return _create_dofa('test_dofa', pretrained, **dict(TINY_DOFA, **kwargs))
