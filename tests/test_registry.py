@@ -21,6 +21,7 @@ def test_list_models_patterns_and_natural_sort():
 def test_list_models_filters_by_modality_and_sensor():
     assert 'test_tiny_cnn' in list_models(modality='s2')
     assert 'test_tiny_cnn' not in list_models(modality='s1')
+    assert 'test_dofa' in list_models(modality='s1')
     assert 'test_tiny_cnn' in list_models(sensor='sentinel2')
     assert 'test_tiny_cnn' not in list_models(sensor='landsat8')
     assert 'test_dofa' in list_models(sensor='landsat8')  # any-band models match every sensor

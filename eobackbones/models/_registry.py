@@ -93,7 +93,7 @@ def list_models(
         pattern: fnmatch pattern(s) to include.
         exclude: fnmatch pattern(s) to drop.
         pretrained: list ``arch.tag`` names that have weights (Hub or manual) instead of architectures.
-        modality: keep models whose input spec has this modality (``s1``, ``s2``).
+        modality: keep models whose input spec has this modality (``s1``, ``s2``), or that take any bands.
         sensor: keep models whose input spec uses this sensor (``sentinel2``), or that take any sensor.
     """
     _ensure_manifest()
@@ -113,7 +113,7 @@ def list_models(
             spec = cfg.input_spec if cfg else None
             if spec is None:
                 continue
-            if modality and modality not in spec.modality_names:
+            if modality and not (modality in spec.modality_names or spec.any_bands):
                 continue
             if sensor and not (sensor in spec.sensors or spec.any_bands):
                 continue
