@@ -34,13 +34,20 @@ class _BenchTiny(EOModelMixin, nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-register_arch_cfg(PretrainedCfg('tbtiny', input_spec=InputSpec(
-    (ModalitySpec('s2', 'sentinel2', ('B04', 'B03', 'B02'), unit='reflectance_1e4'),), image_size=(32, 32))))
-
-
-@register_model
 def tbtiny(pretrained=False, **kw):
     return build_model_with_cfg(_BenchTiny, 'tbtiny', pretrained, **kw)
+
+
+@pytest.fixture(autouse=True, scope='module')
+def _tiny_model():
+    """Registered only while this module runs, so other tests' model lists stay clean."""
+    from eobackbones.models import _registry as R
+    register_arch_cfg(PretrainedCfg('tbtiny', input_spec=InputSpec(
+        (ModalitySpec('s2', 'sentinel2', ('B04', 'B03', 'B02'), unit='reflectance_1e4'),), image_size=(32, 32))))
+    register_model(tbtiny)
+    yield
+    for table in (R._model_entrypoints, R._model_to_module, R._arch_cfgs):
+        table.pop('tbtiny', None)
 
 
 def test_time_fn_cpu_counts_calls_and_returns_ms():

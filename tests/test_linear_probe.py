@@ -108,38 +108,55 @@ def _any_spec(model, cfg):
                      image_size=(48, 48), any_bands=True, size_multiple=16)
 
 
-register_arch_cfg(PretrainedCfg('tptiny', input_spec=InputSpec((S2_SPEC,), image_size=(48, 48), size_multiple=16)))
-register_arch_cfg(PretrainedCfg('tptinyfixed', input_spec=InputSpec((S2_SPEC,), image_size=(64, 64), fixed_size=True)))
-register_arch_cfg(PretrainedCfg('tptinyany', input_spec=InputSpec((ANY_DEFAULT,), image_size=(48, 48), any_bands=True,
-                                                                  size_multiple=16)))
-register_arch_cfg(PretrainedCfg('tptinypair', input_spec=InputSpec((S2_SPEC, S1_SPEC), input_format='dict')))
-register_arch_cfg(PretrainedCfg('tptinyb10', input_spec=InputSpec((S2_SPEC.__class__(
-    's2', 'sentinel2', ('B02', 'B10'), unit='reflectance_1e4'),))))
-
-
-@register_model
 def tptiny(pretrained=False, **kw):
     return build_model_with_cfg(_Tiny, 'tptiny', pretrained, **kw)
 
 
-@register_model
 def tptinyfixed(pretrained=False, **kw):
     return build_model_with_cfg(_Tiny, 'tptinyfixed', pretrained, **kw)
 
 
-@register_model
 def tptinyany(pretrained=False, **kw):
     return build_model_with_cfg(_TinyAny, 'tptinyany', pretrained, spec_fn=_any_spec, **kw)
 
 
-@register_model
 def tptinypair(pretrained=False, **kw):
     return build_model_with_cfg(_TinyPair, 'tptinypair', pretrained, **kw)
 
 
-@register_model
 def tptinyb10(pretrained=False, **kw):
     return build_model_with_cfg(_Tiny, 'tptinyb10', pretrained, in_chans=2, **kw)
+
+
+_ENTRYPOINTS = (tptiny, tptinyfixed, tptinyany, tptinypair, tptinyb10)
+
+
+def _register() -> None:
+    """Register the tiny models (only while this module's tests run, so other tests' model lists stay clean)."""
+    register_arch_cfg(PretrainedCfg('tptiny', input_spec=InputSpec((S2_SPEC,), image_size=(48, 48), size_multiple=16)))
+    register_arch_cfg(PretrainedCfg('tptinyfixed', input_spec=InputSpec((S2_SPEC,), image_size=(64, 64),
+                                                                        fixed_size=True)))
+    register_arch_cfg(PretrainedCfg('tptinyany', input_spec=InputSpec((ANY_DEFAULT,), image_size=(48, 48),
+                                                                      any_bands=True, size_multiple=16)))
+    register_arch_cfg(PretrainedCfg('tptinypair', input_spec=InputSpec((S2_SPEC, S1_SPEC), input_format='dict')))
+    register_arch_cfg(PretrainedCfg('tptinyb10', input_spec=InputSpec((ModalitySpec(
+        's2', 'sentinel2', ('B02', 'B10'), unit='reflectance_1e4'),))))
+    for fn in _ENTRYPOINTS:
+        register_model(fn)
+
+
+def _unregister() -> None:
+    from eobackbones.models import _registry as R
+    for fn in _ENTRYPOINTS:
+        for table in (R._model_entrypoints, R._model_to_module, R._arch_cfgs):
+            table.pop(fn.__name__, None)
+
+
+@pytest.fixture(autouse=True, scope='module')
+def _tiny_models():
+    _register()
+    yield
+    _unregister()
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -523,4 +540,5 @@ def _ddp_worker(argv):
 
 
 if __name__ == '__main__' and len(sys.argv) > 2 and sys.argv[1] == '--ddp-worker':
+    _register()
     _ddp_worker(sys.argv[2:])
