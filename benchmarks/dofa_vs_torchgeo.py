@@ -8,6 +8,7 @@ Modes (timed interleaved, round-robin, so machine load hits every mode alike; me
   ours_fp32            ``eobackbones`` DOFA in float32
   ours_bf16_ac         ours under ``torch.autocast(bfloat16)``
   ours_fast            ``eobackbones.optimize_for_inference(model, precision=...)`` (default ``auto``)
+  ours_fast_compiled   the same with ``compile=True`` (Inductor, weight freezing; compiled during warm-up)
 All under ``torch.inference_mode()``. Cosines compare pooled features (``forward_head(pre_logits=True)``)
 to ours in float32. Writes ``benchmarks/results/dofa_vs_torchgeo.{json,md}``.
 """
@@ -46,7 +47,7 @@ def main() -> None:
     ap.add_argument('--size', type=int, default=224)
     ap.add_argument('--repeats', type=int, default=3)
     ap.add_argument('--precision', default='auto')
-    ap.add_argument('--compile', action='store_true', help='torch.compile the blocks in the fast path')
+    ap.add_argument('--no-compile', action='store_true', help='skip the compiled fast path')
     ap.add_argument('--out', default=str(Path(__file__).parent / 'results'))
     args = ap.parse_args()
 
@@ -58,7 +59,8 @@ def main() -> None:
         tg.pos_embed.copy_(sincos_2d_pos_embed(tg.embed_dim, 224 // tg.patch_size))
     ours = eobackbones.create_model(ours_name).eval()
     ours.load_state_dict(tg.state_dict(), strict=True)
-    fast = eobackbones.optimize_for_inference(ours, precision=args.precision, compile=args.compile)
+    fast = eobackbones.optimize_for_inference(ours, precision=args.precision)
+    fastc = None if args.no_compile else eobackbones.optimize_for_inference(ours, precision=args.precision, compile=True)
 
     waves = S2_13[:args.channels]
     x = torch.randn(args.batch, args.channels, args.size, args.size, generator=torch.Generator().manual_seed(1))
@@ -81,6 +83,8 @@ def main() -> None:
         'ours_bf16_ac': ours_ac,
         'ours_fast': lambda: fast(x, wavelengths=waves),
     }
+    if fastc is not None:
+        modes['ours_fast_compiled'] = lambda: fastc.forward_head(fastc.forward_features(x, wavelengths=waves))
     times = {k: [] for k in modes}
     with torch.inference_mode():
         ref = ours.forward_head(ours.forward_features(x, wavelengths=waves), pre_logits=True)
@@ -88,6 +92,10 @@ def main() -> None:
         with autocast():
             ac = ours.forward_head(ours.forward_features(x, wavelengths=waves), pre_logits=True).float()
         fast_out = fast.forward_head(fast.forward_features(x, wavelengths=waves), pre_logits=True)
+        if fastc is not None:
+            t0 = time.perf_counter()
+            fastc_out = fastc.forward_head(fastc.forward_features(x, wavelengths=waves), pre_logits=True)
+            compile_s = time.perf_counter() - t0
         for fn in modes.values():  # warm-up (kernel caches, oneDNN primitives)
             fn()
         for _ in range(args.repeats):
@@ -100,7 +108,8 @@ def main() -> None:
     base = med['torchgeo_fp32']
     res = dict(
         arch=ours_name, batch=args.batch, channels=args.channels, size=args.size, repeats=args.repeats,
-        fast_precision=str(fast.dtype).replace('torch.', ''), compile=args.compile,
+        fast_precision=str(fast.dtype).replace('torch.', ''),
+        compile_seconds=None if fastc is None else compile_s,
         seconds_median=med, seconds_all=times,
         img_per_s={k: args.batch / v for k, v in med.items()},
         speedup_vs_torchgeo_fp32={k: base / v for k, v in med.items()},
@@ -108,11 +117,13 @@ def main() -> None:
             fp32=med['torchgeo_fp32'] / med['ours_fp32'],
             bf16_autocast=med['torchgeo_bf16_ac'] / med['ours_bf16_ac'],
             fast_vs_torchgeo_fp32=med['torchgeo_fp32'] / med['ours_fast'],
+            fast_compiled_vs_torchgeo_fp32=None if fastc is None else med['torchgeo_fp32'] / med['ours_fast_compiled'],
         ),
         max_abs_diff_vs_torchgeo_fp32=(ref - tg_ref).abs().max().item(),
         cosine_min=dict(
             bf16_autocast=F.cosine_similarity(ac, ref).min().item(),
             fast=F.cosine_similarity(fast_out, ref).min().item(),
+            fast_compiled=None if fastc is None else F.cosine_similarity(fastc_out, ref).min().item(),
         ),
         env=dict(
             torch=torch.__version__, timm=__import__('timm').__version__, torchgeo=__import__('torchgeo').__version__,
@@ -125,20 +136,24 @@ def main() -> None:
     (out / 'dofa_vs_torchgeo.json').write_text(json.dumps(res, indent=2) + '\n', encoding='utf-8')
     rows = '\n'.join(
         f'| {k} | {med[k]:.3f} | {res["img_per_s"][k]:.2f} | {res["speedup_vs_torchgeo_fp32"][k]:.2f}x |' for k in modes)
+    compiled_note = 'skipped' if fastc is None else f'first call {compile_s:.1f} s (compilation)'
+    compiled_ratio = '' if fastc is None else \
+        f'; compiled fast path: **{res["ratios"]["fast_compiled_vs_torchgeo_fp32"]:.2f}x**'
+    compiled_cos = '' if fastc is None else f', compiled {res["cosine_min"]["fast_compiled"]:.6f}'
     md = f"""# DOFA: eobackbones vs torchgeo ({ours_name}, batch {args.batch}, {args.channels}x{args.size}x{args.size})
 
 One run, modes interleaved round-robin, median of {args.repeats}; CPU `{res['env']['cpu_capability']}`,
 {res['env']['threads']} threads, native bf16: {res['env']['native_bf16']}; torch {torch.__version__}.
-Fast path precision: {res['fast_precision']}{' + torch.compile' if args.compile else ''}.
+Fast path precision: {res['fast_precision']}; compiled fast path: {compiled_note}.
 
 | mode | s / batch | img/s | vs torchgeo fp32 |
 |---|---:|---:|---:|
 {rows}
 
 - fp32 ratio (torchgeo / ours): **{res['ratios']['fp32']:.2f}x**; bf16 autocast ratio: **{res['ratios']['bf16_autocast']:.2f}x**;
-  fast path vs torchgeo fp32: **{res['ratios']['fast_vs_torchgeo_fp32']:.2f}x**
+  fast path vs torchgeo fp32: **{res['ratios']['fast_vs_torchgeo_fp32']:.2f}x**{compiled_ratio}
 - pooled-feature cosine to fp32 (min over batch): autocast {res['cosine_min']['bf16_autocast']:.6f},
-  fast {res['cosine_min']['fast']:.6f}; max |ours - torchgeo| fp32: {res['max_abs_diff_vs_torchgeo_fp32']:.2e}
+  fast {res['cosine_min']['fast']:.6f}{compiled_cos}; max |ours - torchgeo| fp32: {res['max_abs_diff_vs_torchgeo_fp32']:.2e}
 """
     (out / 'dofa_vs_torchgeo.md').write_text(md, encoding='utf-8')
     print(md)

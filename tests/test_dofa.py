@@ -123,6 +123,19 @@ def test_optimize_for_inference_cosine(pair, precision):
     assert fast.model.patch_embed.fclayer.w1.weight.dtype == torch.float32  # hypernetwork stays fp32
 
 
+def test_optimize_for_inference_compiled_matches_eager():
+    torch.manual_seed(0)
+    model = eb.create_model('test_dofa', bands=['B04', 'B03', 'B02']).eval()
+    x = _x(2, 3, 32, seed=7)
+    with torch.no_grad():
+        ref = _pooled(model, x, None)
+    fast = eb.optimize_for_inference(model, precision='bf16', compile=True)
+    got = fast.forward_head(fast.forward_features(x), pre_logits=True)
+    assert _cos(got, ref) >= 0.9999
+    again = fast.forward_head(fast.forward_features(x), pre_logits=True)  # the compiled graph is reused
+    assert torch.equal(got, again)
+
+
 # ---------------------------------------------------------------------- legacy kernel layout
 def _legacy_reference(tg, x, waves):
     """torchgeo's DOFA with the pre-Sept-2024 kernel reshape view(D, C, k, k) (no permute)."""
