@@ -411,11 +411,14 @@ def test_plot_without_matplotlib_is_a_clear_error(home, capsys, monkeypatch):
     assert rc == 2 and "pip install 'eobackbones[plot]'" in capsys.readouterr().err
 
 
-def test_amp_dtype_choice():
+def test_amp_dtype_choice(monkeypatch):
+    from eobackbones import optimize
     from eobackbones.eval.features import amp_dtype
+    monkeypatch.setattr(optimize, 'cpu_has_native_bf16', lambda: True)
+    assert amp_dtype(torch.device('cpu'), 'auto') == (torch.bfloat16, 'bf16 (auto: CPU with native bf16, AMX or AVX512-BF16)')
+    monkeypatch.setattr(optimize, 'cpu_has_native_bf16', lambda: False)
     dt, why = amp_dtype(torch.device('cpu'), 'auto')
-    amx = bool(getattr(torch.cpu, '_is_amx_tile_supported', lambda: False)())
-    assert (dt is torch.bfloat16) == amx and why
+    assert dt is None and why.startswith('fp32 (auto: CPU without native bf16')
     assert amp_dtype(torch.device('cpu'), 'fp32')[0] is None
     assert amp_dtype(torch.device('cpu'), 'bf16')[0] is torch.bfloat16
     with pytest.raises(ValueError):

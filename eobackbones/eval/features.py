@@ -61,7 +61,7 @@ class NormalisationError(InvalidInputError):
 
 
 def amp_dtype(device: torch.device, requested: str = 'auto') -> Tuple[Optional[torch.dtype], str]:
-    """Autocast dtype for feature extraction and why: bf16 on CUDA with bf16 support or on CPUs with AMX.
+    """Autocast dtype for feature extraction and why: bf16 on CUDA with bf16 support or on CPUs with native bf16.
 
     Args:
         device: the extraction device.
@@ -85,14 +85,10 @@ def amp_dtype(device: torch.device, requested: str = 'auto') -> Tuple[Optional[t
             return torch.bfloat16, 'bf16 (auto: CUDA device supports bf16)'
         return None, 'fp32 (auto: CUDA device without bf16)'
     if device.type == 'cpu':
-        amx = False
-        try:
-            amx = bool(torch.cpu._is_amx_tile_supported())
-        except Exception:  # private API; absent on some builds/platforms
-            amx = False
-        if amx:
-            return torch.bfloat16, 'bf16 (auto: CPU with AMX tiles)'
-        return None, f'fp32 (auto: CPU without AMX, capability {torch.backends.cpu.get_cpu_capability()})'
+        from ..optimize import cpu_has_native_bf16  # one rule for every "auto" precision in the package
+        if cpu_has_native_bf16():
+            return torch.bfloat16, 'bf16 (auto: CPU with native bf16, AMX or AVX512-BF16)'
+        return None, f'fp32 (auto: CPU without native bf16, capability {torch.backends.cpu.get_cpu_capability()})'
     return None, f'fp32 (auto: device {device.type})'
 
 

@@ -100,7 +100,7 @@ def add_probe_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument('--batch-size', type=int, default=64)
     g.add_argument('--device', default='auto', help='auto, cpu, cuda, cuda:N')
     g.add_argument('--amp', default='auto', choices=('auto', 'bf16', 'fp16', 'fp32'),
-                   help='autocast dtype; auto = bf16 on CUDA with bf16 or on CPUs with AMX, else fp32')
+                   help='autocast dtype; auto = bf16 on CUDA with bf16 or on CPUs with native bf16 (AMX, AVX512-BF16), else fp32')
     g.add_argument('--cache-dir', default=None, help='feature cache (default EOBACKBONES_HOME/features)')
     g.add_argument('--no-cache', action='store_true', help='do not read or write the feature cache')
     g.add_argument('--quiet', action='store_true', help='no progress bars, no table on stdout')
