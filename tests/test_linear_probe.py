@@ -274,6 +274,19 @@ def test_pair_model_uses_both_modalities_and_nan_policy(home):
         assert row['nan'] == 'fill' and math.isfinite(row['map_macro'])
 
 
+def test_saved_directory_is_probed_as_the_pretrained_row(home):
+    from eobackbones.eval.linear_probe import run_probe
+    torch.manual_seed(123)
+    from eobackbones import create_model
+    saved = create_model('tptiny').save_pretrained(home / 'saved')
+    r = run_probe(_args('--model', f'local-dir:{saved}', '--norm', 'dataset-zscore', *FAST))
+    rows = {row['row']: row for row in r['rows'] if row['model'] == 'tptiny'}
+    assert set(rows) == {'pretrained', 'random-init'}
+    assert rows['pretrained']['weights'] == f'local-dir:{saved}' and rows['random-init']['weights'] == 'seed 0'
+    none = run_probe(_args('--model', f'local-dir:{saved}', '--pretrained', 'none', '--norm', 'dataset-zscore', *FAST))
+    assert {row['row'] for row in none['rows']} == {'random-init', 'baseline'}
+
+
 def test_cache_reuse_counts_forward_calls(home):
     from eobackbones.eval.linear_probe import run_probe
     CALLS['forward_features'] = 0

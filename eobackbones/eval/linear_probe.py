@@ -348,8 +348,20 @@ def _one_line(e: BaseException) -> str:
 def _resolve(name: str, pretrained: Optional[str]):
     """(arch, tag or None, cfg for the spec, reason the pretrained row is absent or None)."""
     from ..models import get_pretrained_cfg, model_entrypoint, split_model_name_tag
+    from ..models._factory import parse_model_name, read_model_dir
     from ..models._registry import _ensure_manifest, default_tag, get_arch_cfg
     _ensure_manifest()
+    if parse_model_name(name)[0] != 'registry':  # a save_pretrained directory: its weights are the pretrained row
+        import dataclasses
+        from ..spec import InputSpec
+        conf, _, _ = read_model_dir(name)
+        arch = conf['architecture']
+        cfg = get_pretrained_cfg(arch)
+        if conf.get('input_spec'):
+            cfg = dataclasses.replace(cfg, input_spec=InputSpec.from_dict(conf['input_spec']))
+        if pretrained is not None and pretrained.lower() == 'none':
+            return arch, None, cfg, '--pretrained none'
+        return arch, name, cfg, None
     arch, tag = split_model_name_tag(name)
     model_entrypoint(arch)  # unknown names fail here, with close matches
     if pretrained is not None and pretrained.lower() == 'none':
@@ -393,7 +405,7 @@ def _build(arch: str, tag: Optional[str], pretrained: bool, data: Any, spec_hint
         if unusable:
             notes.append(f'data bands without a catalogue wavelength not used: {unusable}')
         kwargs['bands'] = list(usable)
-    name = f'{arch}.{tag}' if tag else arch
+    name = tag if tag and ':' in tag else (f'{arch}.{tag}' if tag else arch)  # tag may be a dir source
     if pretrained:
         model = create_model(name, pretrained=True, **kwargs)
     else:

@@ -1,8 +1,9 @@
 """``create_model``: the one door to every model."""
+import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 from torch import nn
 
@@ -12,7 +13,7 @@ from ._base import CONFIG_FORMAT, CONFIG_NAME, WEIGHTS_NAME
 from ._registry import (
     _ensure_manifest, default_tag, get_arch_cfg, get_pretrained_cfg, model_entrypoint, split_model_name_tag)
 
-__all__ = ['create_model', 'parse_model_name']
+__all__ = ['create_model', 'parse_model_name', 'read_model_dir']
 
 _PREFIXES = ('hf-hub:', 'local-dir:')
 
@@ -68,27 +69,35 @@ def create_model(
     return entry(pretrained=bool(pretrained), pretrained_cfg=cfg, **kwargs)
 
 
-def _create_from_dir(source: str, rest: str, pretrained: Union[bool, str], **kwargs: Any) -> nn.Module:
-    """Load a directory written by ``save_pretrained`` (locally or from a Hub repository)."""
+def read_model_dir(model_name: str) -> Tuple[Dict[str, Any], Path, str]:
+    """``config.json`` (parsed), the weights path and a display name of a ``hf-hub:`` / ``local-dir:`` source."""
+    from ..errors import WeightsNotFoundError
     from ..hub.download import hub_file
-    if pretrained is False:
-        pretrained = True  # a directory source is its weights; pretrained=False is not meaningful here
+    source, rest = parse_model_name(model_name)
     if source == 'local-dir':
         root = Path(os.path.expanduser(rest))
         conf_path, weights_path = root / CONFIG_NAME, root / WEIGHTS_NAME
         for p in (conf_path, weights_path):
             if not p.is_file():
-                from ..errors import WeightsNotFoundError
                 raise WeightsNotFoundError(f'local-dir:{root}: expected {p.name} (written by save_pretrained), not found')
         where = f'local-dir:{root}'
-    else:
+    elif source == 'hf-hub':
         repo, _, rev = rest.partition('@')
         conf_path = hub_file(repo, CONFIG_NAME, rev or None)
         weights_path = hub_file(repo, WEIGHTS_NAME, rev or None)
         where = f'hf-hub:{rest}'
+    else:
+        raise UnknownModelError(f'{model_name!r} is not a "hf-hub:" or "local-dir:" source')
     conf = json.loads(Path(conf_path).read_text(encoding='utf-8'))
     if conf.get('format') != CONFIG_FORMAT or 'architecture' not in conf:
         raise ManifestError(f'{where}: config.json is not an eobackbones config (format {conf.get("format")!r})')
+    return conf, Path(weights_path), where
+
+
+def _create_from_dir(source: str, rest: str, pretrained: Union[bool, str], **kwargs: Any) -> nn.Module:
+    """Load a directory written by ``save_pretrained`` (locally or from a Hub repository)."""
+    # a directory source is its weights: pretrained is not meaningful here
+    conf, weights_path, where = read_model_dir(f'{source}:{rest}')
     from safetensors.torch import load_file
     from ._builder import load_state_dict_strict
     args = dict(conf.get('model_args') or {})
@@ -109,6 +118,11 @@ def _create_from_dir(source: str, rest: str, pretrained: Union[bool, str], **kwa
     load_state_dict_strict(model, state_dict, allow, source=where)
     if conf.get('input_spec'):
         model.input_spec = InputSpec.from_dict(conf['input_spec'])
+    # the weights come from the directory: keep the tag it records (provenance), not the manifest's source
+    tag = split_model_name_tag(conf.get('weights') or '')[1]
+    model.pretrained_cfg = dataclasses.replace(
+        model.pretrained_cfg, tag=tag, source=None, format='safetensors', converter=None,
+        provenance=f'loaded from {where}', input_spec=model.input_spec)
     if features_only:
         from ._features import FeatureGetter
         model = FeatureGetter(model, out_indices)
