@@ -659,10 +659,10 @@ def _create_sslrs(cls: type, variant: str, pretrained: bool = False, **kwargs: A
     return build_model_with_cfg(cls, variant, pretrained, spec_fn=_spec_fn, **kwargs)
 
 
-def _single(variant: str, pretrained: bool, model_args: Dict[str, Any], kwargs: Dict[str, Any]) -> nn.Module:
+def _single(variant: str, pretrained: bool, kwargs: Dict[str, Any]) -> nn.Module:
     release, modality = _ARCHS[variant]
     cls, args = _ENCODERS[release]
-    args = dict(args, in_chans=IN_CHANS[modality], **model_args)
+    args = dict(args, in_chans=IN_CHANS[modality])
     args.update(kwargs)
     return _create_sslrs(cls, variant, pretrained, **args)
 
@@ -672,37 +672,37 @@ def _single(variant: str, pretrained: bool, model_args: Dict[str, Any], kwargs: 
 @register_model
 def dualsimclr_resnet50_s1(pretrained: bool = False, **kwargs: Any) -> SimCLRResNet:
     """Dual-SimCLR ResNet-50, Sentinel-1 encoder (VV, VH), SEN12MS."""
-    return _single('dualsimclr_resnet50_s1', pretrained, {}, kwargs)
+    return _single('dualsimclr_resnet50_s1', pretrained, kwargs)
 
 
 @register_model
 def dualsimclr_resnet50_s2(pretrained: bool = False, **kwargs: Any) -> SimCLRResNet:
     """Dual-SimCLR ResNet-50, Sentinel-2 encoder (13 bands), SEN12MS."""
-    return _single('dualsimclr_resnet50_s2', pretrained, {}, kwargs)
+    return _single('dualsimclr_resnet50_s2', pretrained, kwargs)
 
 
 @register_model
 def dualsimclr_resnet18_s1(pretrained: bool = False, **kwargs: Any) -> SimCLRResNet:
     """Dual-SimCLR ResNet-18, Sentinel-1 encoder (VV, VH), SEN12MS."""
-    return _single('dualsimclr_resnet18_s1', pretrained, {}, kwargs)
+    return _single('dualsimclr_resnet18_s1', pretrained, kwargs)
 
 
 @register_model
 def dualsimclr_resnet18_s2(pretrained: bool = False, **kwargs: Any) -> SimCLRResNet:
     """Dual-SimCLR ResNet-18, Sentinel-2 encoder (13 bands), SEN12MS."""
-    return _single('dualsimclr_resnet18_s2', pretrained, {}, kwargs)
+    return _single('dualsimclr_resnet18_s2', pretrained, kwargs)
 
 
 @register_model
 def sslswin_tiny_s1(pretrained: bool = False, **kwargs: Any) -> SSLSwin:
     """Self-supervised Swin-T, Sentinel-1 encoder (VV, VH), SEN12MS, 224 px."""
-    return _single('sslswin_tiny_s1', pretrained, {}, kwargs)
+    return _single('sslswin_tiny_s1', pretrained, kwargs)
 
 
 @register_model
 def sslswin_tiny_s2(pretrained: bool = False, **kwargs: Any) -> SSLSwin:
     """Self-supervised Swin-T, Sentinel-2 encoder (13 bands), SEN12MS, 224 px."""
-    return _single('sslswin_tiny_s2', pretrained, {}, kwargs)
+    return _single('sslswin_tiny_s2', pretrained, kwargs)
 
 
 @register_model
