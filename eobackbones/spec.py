@@ -57,6 +57,13 @@ def validate_norm_step(step: Dict[str, Any], num_bands: int, where: str = '') ->
         raise ManifestError(f'{where}meanstd std must be positive, got {step["std"]}')
 
 
+def _check_keys(cls: type, d: Dict[str, Any], what: str) -> None:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - known
+    if unknown:
+        raise ManifestError(f'{what} has unknown keys {sorted(unknown)}; allowed: {sorted(known)}')
+
+
 def _as_list(v: Any) -> List[float]:
     return list(v) if isinstance(v, (list, tuple)) else [v]
 
@@ -114,10 +121,7 @@ class ModalitySpec:
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> 'ModalitySpec':
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ManifestError(f'modality spec has unknown keys {sorted(unknown)}; allowed: {sorted(known)}')
+        _check_keys(cls, d, 'modality spec')
         return cls(**d)
 
 
@@ -186,10 +190,7 @@ class InputSpec:
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> 'InputSpec':
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ManifestError(f'input spec has unknown keys {sorted(unknown)}; allowed: {sorted(known)}')
+        _check_keys(cls, d, 'input spec')
         d = dict(d)
         d['modalities'] = tuple(ModalitySpec.from_dict(m) for m in d.get('modalities', ()))
         return cls(**d)
