@@ -221,6 +221,17 @@ def test_offline_with_cache_works_and_without_cache_names_the_file(local_hub, re
         assert _same_weights(eobackbones.create_model(name, pretrained=True), src)
 
 
+def test_upstream_safetensors_go_through_the_converter(local_hub, register_weights):
+    src = _source_model()
+    data = st_save({'module.' + k: v.contiguous() for k, v in src.state_dict().items()})
+    commit = local_hub.add_file(REPO, 'upstream.safetensors', data)
+    entry = _entry(commit, 'upstream.safetensors', data, fmt='safetensors')
+    entry['converter'] = 'test_tiny.prefixed'
+    register_weights('test_tiny_cnn.hubtest', entry)
+    assert _same_weights(eobackbones.create_model('test_tiny_cnn.hubtest', pretrained=True), src)
+    assert len(_converted_files()) == 1
+
+
 def test_manual_source_explains_how_to_get_the_weights(register_weights):
     entry = dict(source={'manual': 'gdrive:FILEID'}, format='torch', converter='test_tiny.upstream', license='NOASSERTION',
                  paper='test', provenance='test', input_spec=TINY_SPEC.to_dict())

@@ -89,6 +89,12 @@ def _convert_upstream(raw, cfg):
     return {k[len('module.'):]: v for k, v in sd.items()}
 
 
+@register_converter('test_tiny.prefixed')
+def _convert_prefixed(raw, cfg):
+    """Upstream safetensors layout: flat ``module.<key>`` tensors."""
+    return {k[len('module.'):]: v for k, v in raw.items()}
+
+
 def upstream_checkpoint(model: nn.Module) -> dict:
     return {'model': {'module.' + k: v.clone() for k, v in model.state_dict().items()},
             'optimizer': {'state': {}, 'param_groups': [{'lr': 0.1}]}, 'epoch': 3}

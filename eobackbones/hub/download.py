@@ -216,7 +216,11 @@ def _convert_to_cache(cfg: PretrainedCfg) -> Path:
             return out
         src_path = download_source(cfg)
         conv = get_converter(cfg.converter)
-        raw = read_torch_checkpoint(src_path, cfg.name)
+        if cfg.format == 'torch':
+            raw = read_torch_checkpoint(src_path, cfg.name)
+        else:  # upstream safetensors in upstream key names
+            from safetensors.torch import load_file
+            raw = load_file(str(src_path))
         state_dict = conv.fn(raw, cfg)
         bad = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
         if bad:
@@ -229,7 +233,7 @@ def _convert_to_cache(cfg: PretrainedCfg) -> Path:
 
 def prefetch(cfg: PretrainedCfg) -> Path:
     """Make ``cfg``'s weights available offline; returns the file the loader will read."""
-    if cfg.format == 'torch':
+    if cfg.converter:  # torch checkpoints always, safetensors in upstream key names too
         return _convert_to_cache(cfg)
     return download_source(cfg)
 
@@ -259,7 +263,7 @@ def verify_cached(cfg: PretrainedCfg) -> Tuple[str, str]:
     if not isinstance(src, HubSource):
         return 'manual', _manual_message(cfg)
     cached = try_to_load_from_cache(src.hf_repo, src.filename, cache_dir=str(_hf_cache()), revision=src.revision)
-    conv = converted_path(cfg) if cfg.format == 'torch' else None
+    conv = converted_path(cfg) if cfg.converter else None
     if not isinstance(cached, str):
         if conv is not None and conv.is_file():
             return 'ok', f'converted {conv} (source file no longer cached)'
