@@ -306,6 +306,18 @@ def test_construction_errors(kwargs, err):
     assert '\n' not in str(e.value)
 
 
+def test_nanometres_are_caught():
+    with pytest.raises(InvalidInputError, match=r'must be in micrometres .*got \[665.0, 560.0, 490.0\]: if these are nanometres'):
+        eb.create_model('test_dofa', wavelengths=[665, 560, 490])
+    m = eb.create_model('test_dofa', bands=['B04']).eval()
+    with pytest.raises(InvalidInputError, match='if these are nanometres divide by 1000'):
+        m(_x(1, 1, 32), wavelengths=[665])
+    # the physical C-band wavelength is not what any DOFA weights saw: bands=['VV', 'VH'] gives the convention
+    with pytest.raises(InvalidInputError, match='for Sentinel-1 pass bands'):
+        eb.create_model('test_dofa', wavelengths=[55465.76])
+    assert eb.create_model('test_dofa', bands=['VV', 'VH']).input_spec.modality().wavelengths_um == (3.75, 3.75)
+
+
 def test_call_errors():
     m = eb.create_model('test_dofa', bands=['B04', 'B03', 'B02']).eval()
     with pytest.raises(InvalidInputError, match='3 wavelengths for an input with 4 channels'):

@@ -74,6 +74,9 @@ _FEATURE_BLOCKS = {12: (3, 5, 7, 11), 24: (5, 11, 17, 23), 32: (7, 15, 23, 31)}
 _LEVEL_SCALES = (4.0, 2.0, 1.0, 0.5)
 
 
+_MAX_WAVELENGTH_UM = 100.0
+
+
 def _as_wavelengths(wavelengths: Any, what: str = 'wavelengths') -> Tuple[float, ...]:
     """Validate wavelengths (micrometres) -> tuple of floats. One-line errors."""
     if isinstance(wavelengths, torch.Tensor):
@@ -92,6 +95,12 @@ def _as_wavelengths(wavelengths: Any, what: str = 'wavelengths') -> Tuple[float,
     bad = [w for w in vals if not (math.isfinite(w) and w > 0)]
     if bad:
         raise InvalidInputError(f'{what} must be positive finite micrometres, got {bad[:4]} in {vals[:8]}')
+    big = [w for w in vals if w > _MAX_WAVELENGTH_UM]
+    if big:
+        # the commonest unit mistake: nanometres (665) instead of micrometres (0.665)
+        raise InvalidInputError(
+            f'{what} must be in micrometres (DOFA was trained on 0.4-15 um and SAR placeholders < 10); got {big[:4]}: '
+            f'if these are nanometres divide by 1000; for Sentinel-1 pass bands=["VV", "VH"]')
     return tuple(vals)
 
 
