@@ -16,6 +16,8 @@ CONVERT_FAMILIES = {
     'dofa': 'eobackbones.models.dofa',
     'sslrs': 'eobackbones.models.sslrs',
 }
+# families whose weights exist only outside the Hub: without --out, convert installs them into the cache
+INSTALLABLE = {'sslrs'}
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -133,7 +135,14 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     if not ckpt.is_file():
         raise FileNotFoundError(f'checkpoint {ckpt} does not exist')
     opts = dict(kv.split('=', 1) for kv in args.option or [])
-    for out in mod.convert_checkpoint(ckpt, Path(args.out), **opts):
+    if args.out:
+        out_dir = Path(args.out)
+    elif args.family in INSTALLABLE:  # install where create_model(..., pretrained=True) finds them
+        from .hub.download import cache_home
+        out_dir = cache_home() / 'manual'
+    else:
+        raise ValueError(f'convert {args.family} needs --out DIR (its published weights load from the Hub directly)')
+    for out in mod.convert_checkpoint(ckpt, out_dir, **opts):
         print(out)
     return 0
 
@@ -181,7 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser('convert', help='upstream checkpoint -> safetensors + config.json + model card')
     s.add_argument('family', help=', '.join(CONVERT_FAMILIES))
     s.add_argument('--checkpoint', required=True)
-    s.add_argument('--out', required=True)
+    s.add_argument('--out', help='output directory (sslrs default: install into the cache, so that '
+                                 'create_model(NAME, pretrained=True) loads them)')
     s.add_argument('--option', action='append', metavar='KEY=VALUE', help='family-specific option')
     s.set_defaults(func=_cmd_convert)
 

@@ -298,6 +298,28 @@ def test_convert_checkpoint_round_trip(tmp_path):
     assert m.fc.out_features == 5 and not any(p.requires_grad for p in m.proj.parameters())
 
 
+def test_convert_installs_manual_weights_for_pretrained_true(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv('EOBACKBONES_HOME', str(tmp_path / 'home'))
+    with pytest.raises(WeightsNotFoundError, match=r'only outside the Hub .*eobackbones convert sslrs --checkpoint FILE'):
+        eobackbones.create_model('dualsimclr_resnet18_s2', pretrained=True)
+    raw, vec = upstream('resnet18')
+    ckpt = tmp_path / 'resnet18.pth'
+    torch.save(raw, ckpt)
+    from eobackbones.cli import main
+    assert main(['convert', 'sslrs', '--checkpoint', str(ckpt)]) == 0
+    assert str(tmp_path / 'home' / 'manual' / 'dualsimclr_resnet18.sen12ms') in capsys.readouterr().out
+    x = _inputs('resnet18')
+    with torch.no_grad():
+        s2 = eobackbones.create_model('dualsimclr_resnet18_s2', pretrained=True).eval()
+        _check('installed.s2.pooled', s2(x['s2']), vec['s2.pooled'])
+        pair = eobackbones.create_model('dualsimclr_resnet18', pretrained=True).eval()
+        _check('installed.pair.pooled', pair(x), torch.cat([vec['s1.pooled'], vec['s2.pooled']], 1))
+    assert main(['verify', 'dualsimclr_resnet18*']) == 0
+    assert capsys.readouterr().out.count(' ok ') == 3
+    assert main(['convert', 'dofa', '--checkpoint', str(ckpt)]) == 2
+    assert 'convert dofa needs --out DIR' in capsys.readouterr().err
+
+
 def test_hub_source_end_to_end(local_hub, register_weights):
     """The released-format file (with its optimiser state) through the real loader: download, weights_only, convert."""
     raw, vec = upstream('resnet18')

@@ -4,6 +4,8 @@ Cache layout (``EOBACKBONES_HOME``, default ``$HF_HOME/eobackbones``)::
 
     converted/<arch>/<tag>-<digest16>.safetensors   upstream torch checkpoints, converted once
     verified/<digest>.json                           marks a Hub safetensors file as hash-checked
+    manual/<arch>.<tag>/                             weights published outside the Hub, installed by
+                                                     ``eobackbones convert`` (save_pretrained layout)
 
 Original files stay in the Hugging Face cache (``HF_HUB_CACHE``), managed by ``huggingface_hub``.
 Every write goes to a temporary file in the same directory and is renamed into place under a file
@@ -25,7 +27,7 @@ from ..models._pretrained import HubSource, ManualSource, PretrainedCfg
 
 __all__ = [
     'cache_home', 'is_offline', 'hub_file', 'download_source', 'sha256_file', 'verify_file',
-    'converted_path', 'load_pretrained_state_dict', 'prefetch', 'verify_cached', 'read_torch_checkpoint',
+    'converted_path', 'manual_dir', 'load_pretrained_state_dict', 'prefetch', 'verify_cached', 'read_torch_checkpoint',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -153,12 +155,17 @@ def download_source(cfg: PretrainedCfg, force_verify: bool = False) -> Path:
     return path
 
 
+def manual_dir(cfg: PretrainedCfg) -> Path:
+    """Where ``eobackbones convert`` installs weights that are published outside the Hub."""
+    return cache_home() / 'manual' / cfg.name
+
+
 def _manual_message(cfg: PretrainedCfg) -> str:
     src = cfg.source
     where = src.manual if isinstance(src, ManualSource) else 'no source'
     family = (cfg.converter or '').split('.')[0] or '<family>'
-    return (f'{cfg.name}: weights are published only outside the Hub ({where}); download the file, run '
-            f'`eobackbones convert {family} --checkpoint FILE --out DIR` and load it with create_model("local-dir:DIR")')
+    return (f'{cfg.name}: weights are published only outside the Hub ({where}); download the file and run '
+            f'`eobackbones convert {family} --checkpoint FILE` (installs them into {manual_dir(cfg).parent})')
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -246,9 +253,13 @@ def load_pretrained_state_dict(cfg: PretrainedCfg) -> Tuple[Dict[str, torch.Tens
     if cfg is None or not cfg.has_source:
         raise WeightsNotFoundError(f'{cfg.name if cfg else "model"}: no weights source in the manifest')
     if not cfg.has_weights:
-        raise WeightsNotFoundError(_manual_message(cfg))
-    path = prefetch(cfg)
-    allow = get_converter(cfg.converter).allow_missing if cfg.converter else ()
+        path = manual_dir(cfg) / 'model.safetensors'  # installed by `eobackbones convert`, already our keys
+        if not path.is_file():
+            raise WeightsNotFoundError(_manual_message(cfg))
+        allow: Tuple[str, ...] = ()
+    else:
+        path = prefetch(cfg)
+        allow = get_converter(cfg.converter).allow_missing if cfg.converter else ()
     try:
         return load_file(str(path)), allow
     except (SafetensorError, OSError) as e:
@@ -261,7 +272,8 @@ def verify_cached(cfg: PretrainedCfg) -> Tuple[str, str]:
     from huggingface_hub import try_to_load_from_cache
     src = cfg.source
     if not isinstance(src, HubSource):
-        return 'manual', _manual_message(cfg)
+        installed = manual_dir(cfg) / 'model.safetensors'
+        return ('ok', f'installed {installed}') if installed.is_file() else ('manual', _manual_message(cfg))
     cached = try_to_load_from_cache(src.hf_repo, src.filename, cache_dir=str(_hf_cache()), revision=src.revision)
     conv = converted_path(cfg) if cfg.converter else None
     if not isinstance(cached, str):
