@@ -318,6 +318,8 @@ def test_report_outputs_and_plot(home):
     kinds = {(row['row'], row['classifier'], row['label_fraction']) for row in j['rows']}
     assert ('random-init', 'knn', 0.5) in kinds and ('baseline', 'logreg', 1.0) in kinds
     assert sum(1 for row in j['rows'] if row['row'] == 'random-init' and row['label_fraction'] == 0.5) == 4  # 2 clf x 2 seeds
+    # a one-value grid is always "at the top": the report says the classifier had nothing to choose
+    assert 'L2 chosen at the top of the grid (1)' in r['markdown'] and 'band-stats (s2) baseline' in r['markdown']
     for row in j['rows']:
         assert row['norm'] and row['missing_bands'] and row['amp'] and row['nan'] == 'drop'
         if row['label_fraction'] == 1.0:

@@ -38,7 +38,7 @@ from torch import nn
 
 from ..errors import (
     CheckpointFormatError, ChecksumMismatchError, EOBackbonesError, UnknownModelError, WeightsNotFoundError)
-from .classifiers import band_statistics_features, fit_linear_probe, knn_scores
+from .classifiers import DEFAULT_L2_GRID, band_statistics_features, fit_linear_probe, knn_scores
 from .features import (
     MISSING_CHOICES, NORM_CHOICES, InputPlan, amp_dtype, data_modality_for, dist_info, extract_features,
     feature_cache_dir, init_distributed, model_fingerprint, needed_data_modalities, plan_inputs,
@@ -524,6 +524,11 @@ def run_probe(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
                                        args.n_boot, base, args.l2_grid)
         if rank != 0:
             return None
+        top = max(args.l2_grid) if args.l2_grid else max(DEFAULT_L2_GRID)
+        edge = sorted({f"{r['model']} {r['row']}" for r in rows if r.get('l2') is not None and r['l2'] >= top})
+        if edge:  # the classifier fell back to (nearly) the label priors: say so rather than let it pass as a score
+            notes.append(f'L2 chosen at the top of the grid ({top:g}), i.e. almost no usable linear signal on the '
+                         f'validation split, for: {", ".join(edge)}')
         first = next(iter(datasets.values()))
         nan_summary = '; '.join(
             f'{"+".join(m)}: ' + ', '.join(f'{s} {n}' for s, n in r['nan_samples'].items() if n) + f' ({r["policy"]})'
