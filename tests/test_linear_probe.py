@@ -560,3 +560,54 @@ def _ddp_worker(argv):
 if __name__ == '__main__' and len(sys.argv) > 2 and sys.argv[1] == '--ddp-worker':
     _register()
     _ddp_worker(sys.argv[2:])
+
+
+def test_bigearthnet_adapter_maps_bands_by_file_name(tmp_path):
+    """torchgeo's BigEarthNet v1 layout, written from real embedded patches: bands come out by name, S1 as VH, VV."""
+    rasterio = pytest.importorskip('rasterio')
+    from eobackbones.data import load_bigearthnet_mini
+    from eobackbones.eval.datasets_torchgeo import load_torchgeo
+    real = load_bigearthnet_mini(('s1', 's2'))
+    valid = [i for i in range(len(real)) if np.isfinite(real.images['s1'][i]).all()][:6]
+    s2_names, s1_names = list(real.bands['s2']), list(real.bands['s1'])
+
+    def tif(path, arr):
+        with rasterio.open(path, 'w', driver='GTiff', height=arr.shape[0], width=arr.shape[1], count=1,
+                           dtype=arr.dtype) as f:
+            f.write(arr, 1)
+
+    for split, rows in (('train', valid[:2]), ('val', valid[2:4]), ('test', valid[4:])):
+        lines = []
+        for i in rows:
+            s2n, s1n = f'S2_patch_{i}', f'S1_patch_{i}'
+            for folder, name, arrs in (('BigEarthNet-v1.0', s2n, zip(s2_names, real.images['s2'][i])),
+                                       ('BigEarthNet-S1-v1.0', s1n, zip(s1_names, real.images['s1'][i]))):
+                d = tmp_path / folder / name
+                d.mkdir(parents=True)
+                for band, arr in arrs:
+                    # torchgeo reads int32 (so dB loses its decimals): store dB x 100 to keep the test exact
+                    tif(d / f'{name}_{band}.tif', (arr * (100 if band in ('VV', 'VH') else 1)).astype(np.int32))
+                (d / f'{name}_labels_metadata.json').write_text(json.dumps({'labels': ['Mixed forest']}))
+            lines.append(f'{s2n},{s1n}')
+        (tmp_path / f'bigearthnet-{split}.csv').write_text('\n'.join(lines) + '\n')
+
+    data = load_torchgeo('bigearthnet', tmp_path, modalities=('s1', 's2'))
+    assert data.bands['s1'] == ('VH', 'VV')  # torchgeo sorts the S1 files: VH before VV
+    assert 'B10' not in data.bands['s2'] and data.bands['s2'][8] == 'B8A'
+    order = [int(s.split('/')[1]) for s in data.ids]
+    assert len(order) == 6 and list(data.split).count('train') == 2
+    assert data.images['s2'].shape[-2:] == (120, 120)  # torchgeo resamples every band to 120 px
+
+    def down(a):  # back to the 48 px the files were written at
+        return torch.nn.functional.interpolate(torch.as_tensor(a, dtype=torch.float32)[None, None], size=(48, 48),
+                                               mode='area')[0, 0].numpy()
+
+    for j, sid in enumerate(data.ids):
+        i = valid[{'train': 0, 'val': 2, 'test': 4}[data.split[j]] + int(sid.split('/')[1])]
+        for m, scale in (('s2', 1.0), ('s1', 100.0)):
+            src = real.images[m][i].astype(np.float32) * scale
+            for c, band in enumerate(data.bands[m]):
+                # every output channel is closest to the source band of the same name
+                errs = [np.abs(down(data.images[m][j][c]) - src[k]).mean() for k in range(len(src))]
+                assert real.bands[m][int(np.argmin(errs))] == band, (m, band, errs)
+    assert data.labels.shape == (6, 19) and data.labels[:, data.label_names.index('Mixed forest')].all()

@@ -88,7 +88,7 @@ def _collect(ds: Any, split: str, keys: Dict[str, str], strict: bool, limit: Opt
     order = np.arange(n)
     if limit and limit < n:
         order = np.sort(np.random.default_rng(seed).choice(n, size=limit, replace=False))
-    arrays: Dict[str, List[np.ndarray]] = {m: [] for m in keys}
+    arrays: Dict[str, List[np.ndarray]] = {}  # by output modality (``post`` may split one raster into two)
     labels, ids, bad = [], [], []
     for i in order:
         sid = f'{split}/{int(i)}'
@@ -103,7 +103,7 @@ def _collect(ds: Any, split: str, keys: Dict[str, str], strict: bool, limit: Opt
             bad.append((sid, f'{type(e).__name__}: {e}'))
             continue
         for m, x in parts.items():
-            arrays[m].append(_compact(x))
+            arrays.setdefault(m, []).append(_compact(x))
         labels.append(sample['label'].numpy())
         ids.append(sid)
     stacked = {}
