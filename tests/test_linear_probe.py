@@ -611,3 +611,40 @@ def test_bigearthnet_adapter_maps_bands_by_file_name(tmp_path):
                 errs = [np.abs(down(data.images[m][j][c]) - src[k]).mean() for k in range(len(src))]
                 assert real.bands[m][int(np.argmin(errs))] == band, (m, band, errs)
     assert data.labels.shape == (6, 19) and data.labels[:, data.label_names.index('Mixed forest')].all()
+
+
+def test_so2sat_adapter_converts_units_and_maps_bands(tmp_path):
+    """torchgeo's So2Sat v2 files, written from real embedded patches: S1 = Lee-filtered VH, VV intensities -> dB,
+    S2 = reflectance -> reflectance x 1e4, bands by So2Sat's names."""
+    h5py = pytest.importorskip('h5py')
+    from eobackbones.data import load_bigearthnet_mini
+    from eobackbones.eval.datasets_torchgeo import load_torchgeo
+    real = load_bigearthnet_mini(('s1', 's2'))
+    valid = [i for i in range(len(real)) if np.isfinite(real.images['s1'][i]).all()][:6]
+    so2sat_s2 = ['B02', 'B03', 'B04', 'B05', 'B06', 'B07', 'B08', 'B8A', 'B11', 'B12']
+    s2_idx = [list(real.bands['s2']).index(b) for b in so2sat_s2]
+    vh, vv = list(real.bands['s1']).index('VH'), list(real.bands['s1']).index('VV')
+    rng = np.random.default_rng(0)
+    for split, fname, rows in (('train', 'training.h5', valid[:2]), ('val', 'validation.h5', valid[2:4]),
+                               ('test', 'testing.h5', valid[4:])):
+        n = len(rows)
+        sen1 = rng.normal(size=(n, 32, 32, 8))  # complex parts and covariance: not used by the adapter
+        sen2 = np.zeros((n, 32, 32, 10))
+        label = np.zeros((n, 17))
+        for j, i in enumerate(rows):
+            s1 = real.images['s1'][i][:, :32, :32].astype(np.float64)
+            sen1[j, :, :, 4] = 10 ** (s1[vh] / 10)  # S1_B5: Lee-filtered VH intensity
+            sen1[j, :, :, 5] = 10 ** (s1[vv] / 10)  # S1_B6: Lee-filtered VV intensity
+            sen2[j] = np.moveaxis(real.images['s2'][i][s2_idx, :32, :32] / 1e4, 0, -1)
+            label[j, (3 * i) % 17] = 1
+        with h5py.File(tmp_path / fname, 'w') as f:
+            f['sen1'], f['sen2'], f['label'] = sen1, sen2, label
+
+    data = load_torchgeo('so2sat', tmp_path)
+    assert data.bands == {'s1': ('VH', 'VV'), 's2': tuple(so2sat_s2)} and not data.multilabel
+    assert data.units == {'s1': 'dB', 's2': 'reflectance_1e4'}
+    for j, sid in enumerate(data.ids):
+        i = valid[{'train': 0, 'val': 2, 'test': 4}[data.split[j]] + int(sid.split('/')[1])]
+        np.testing.assert_allclose(data.images['s1'][j], real.images['s1'][i][[vh, vv], :32, :32], atol=2e-4)
+        np.testing.assert_allclose(data.images['s2'][j], real.images['s2'][i][s2_idx, :32, :32], atol=0.01)
+        assert data.labels[j] == (3 * i) % 17
