@@ -75,6 +75,10 @@ def load_state_dict_strict(
            if tuple(v.shape) != tuple(own[k].shape)]
     if bad:
         raise CheckpointFormatError(f'{source}: {len(bad)} shape mismatches: {"; ".join(bad[:4])}')
+    if assign:
+        # safetensors hands out 32-byte aligned buffers, torch allocates 64-byte aligned ones, and AVX-512 kernels
+        # round differently between the two: own aligned memory so loaded weights compute exactly like built ones
+        state_dict = {k: v if v.data_ptr() % 64 == 0 else v.clone() for k, v in state_dict.items()}
     model.load_state_dict(state_dict, strict=False, assign=assign)
     if missing:
         _logger.info('%s: initialised %d keys not in the weights: %s', source, len(missing), _fmt_keys(missing))

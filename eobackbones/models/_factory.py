@@ -99,14 +99,16 @@ def _create_from_dir(source: str, rest: str, pretrained: Union[bool, str], **kwa
     # a directory source is its weights: pretrained is not meaningful here
     conf, weights_path, where = read_model_dir(f'{source}:{rest}')
     from safetensors.torch import load_file
-    from ._builder import load_state_dict_strict
+    import torch
+    from ._builder import _materialize, load_state_dict_strict
     args = dict(conf.get('model_args') or {})
     features_only = kwargs.pop('features_only', False)
     out_indices = kwargs.pop('out_indices', None)
     args.update(kwargs)
-    model = create_model(conf['architecture'], pretrained=False, **args)
+    with torch.device('meta'):  # the weights follow: no random init (as the builder does for pretrained=True)
+        model = create_model(conf['architecture'], pretrained=False, **args)
     state_dict = load_file(str(weights_path))
-    allow = ()
+    allow: Tuple[str, ...] = ()
     if 'num_classes' in kwargs:
         # the saved head may not fit the requested one (model_args need not record num_classes): compare tensors
         prefix = model.classifier_prefix + '.'
@@ -115,7 +117,8 @@ def _create_from_dir(source: str, rest: str, pretrained: Union[bool, str], **kwa
         if own != saved:
             state_dict = {k: v for k, v in state_dict.items() if not k.startswith(prefix)}
             allow = (prefix + '*',)
-    load_state_dict_strict(model, state_dict, allow, source=where)
+    load_state_dict_strict(model, state_dict, allow, source=where, assign=True)
+    _materialize(model)  # a fresh head when num_classes changed, non-persistent buffers
     if conf.get('input_spec'):
         model.input_spec = InputSpec.from_dict(conf['input_spec'])
     # the weights come from the directory: keep the tag it records (provenance), not the manifest's source
