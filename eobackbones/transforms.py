@@ -5,7 +5,7 @@ model saw during training. Given the band names of the data (``source_bands``), 
 reorders channels *by name*; a band the model needs and the data lacks is an error unless the caller
 chooses ``missing_bands='zeros'`` explicitly.
 """
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -13,7 +13,7 @@ from torch import nn
 from .errors import InvalidInputError, MissingModalityError, UnknownBandError
 from .spec import InputSpec, ModalitySpec
 
-__all__ = ['NormalizeModality', 'Preprocess', 'for_model', 'example_input', 'spec_of']
+__all__ = ['NormalizeModality', 'Preprocess', 'for_model', 'example_input', 'example_call', 'spec_of']
 
 
 def _vec(v: Any) -> torch.Tensor:
@@ -178,3 +178,18 @@ def example_input(
     g = torch.Generator().manual_seed(seed)
     out = {m.name: torch.randn(batch_size, m.in_chans, h, w, generator=g).to(device or 'cpu') for m in spec.modalities}
     return out if spec.input_format == 'dict' else out[spec.modalities[0].name]
+
+
+def example_call(
+        model_or_spec: Any,
+        batch_size: int = 1,
+        image_size: Optional[Union[int, Sequence[int]]] = None,
+        seed: int = 0,
+        device: Optional[torch.device] = None,
+) -> Tuple[Union[torch.Tensor, Dict[str, torch.Tensor]], Dict[str, Any]]:
+    """A complete valid call ``(x, kwargs)``: ``model(x, **kwargs)`` runs.
+
+    ``x`` is :func:`example_input`; ``kwargs`` holds the non-image inputs the spec declares (conditioning
+    inputs, call arguments), so generic code (benchmarks, probes, tests) can call any model.
+    """
+    return example_input(model_or_spec, batch_size, image_size, seed, device), {}
