@@ -19,6 +19,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from .models import create_model
+from .transforms import example_input
+
 __all__ = ['DTYPES', 'autocast_context', 'time_fn', 'benchmark_model', 'git_commit', 'percentile']
 
 DTYPES = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
@@ -127,7 +130,6 @@ def benchmark_model(
         dict(model, batch, dtype, device, image_size, img_per_s, latency_ms_p50, latency_ms_p90, latency_ms_mean,
         peak_mem_mb (CUDA only, else None), iters, torch, git_commit).
     """
-    from . import create_model, example_input
     device = torch.device(device)
     name = model if isinstance(model, str) else getattr(getattr(model, 'pretrained_cfg', None), 'name', type(model).__name__)
     if isinstance(model, str):

@@ -1,119 +1,231 @@
 """Preprocessing that reproduces the weights' training normalisation, built from the input spec.
 
-``for_model(model)`` returns a module mapping raw sensor values (in the spec's ``unit``) to what the
-model saw during training. Given the band names of the data (``source_bands``), it also selects and
-reorders channels *by name*; a band the model needs and the data lacks is an error unless the caller
-chooses ``missing_bands='zeros'`` explicitly.
+``for_model(model)`` returns a module mapping raw sensor values (in the spec's ``unit``) to what the model saw
+during training. Given the band names of the data (``source_bands``), it selects and reorders channels *by name*;
+the names are checked against the sensor catalogue ("did you mean B08?") and their number against the data's
+channels on every call. A band the model needs and the data lacks is an error unless the caller chooses
+``missing_bands='zeros'`` explicitly. A spec without a normalisation (e.g. DOFA bound to bands without published
+statistics) is an error unless ``allow_unnormalised=True`` is passed: no silent identity transform.
+
+NaN rule (the same in the probe): ``nan='error'`` (default) refuses non-finite pixels, naming the modality and the
+count; ``nan='fill'`` computes per-sample statistics over the finite pixels only and sets the non-finite pixels to
+0 *after* normalisation (the mean under a z-score, mid-range under min-max to [-1, 1]); ``last_filled`` counts them.
+A NaN never silently turns a whole channel into NaN.
 """
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
-from .errors import InvalidInputError, MissingModalityError, UnknownBandError
-from .spec import InputSpec, ModalitySpec
+from .errors import InvalidInputError, MissingModalityError, NormalisationError, UnknownBandError
+from .sensors import get_sensor, resolve_band, suggest_band
+from .spec import ConditionSpec, InputSpec, ModalitySpec
 
-__all__ = ['NormalizeModality', 'Preprocess', 'for_model', 'example_input', 'example_call', 'spec_of']
+__all__ = ['NormalizeModality', 'NormalizeCondition', 'Preprocess', 'for_model', 'example_input', 'example_call',
+           'spec_of', 'check_source_bands', 'NAN_POLICIES']
+
+NAN_POLICIES = ('error', 'fill')
 
 
-def _vec(v: Any) -> torch.Tensor:
-    """Scalar or per-band list -> tensor broadcastable over (B, C, H, W)."""
+def _vec(v: Any, nd: int = 3) -> torch.Tensor:
+    """Scalar or per-band list -> tensor broadcastable over (B, C, H, W) (``nd=3``) or (B, C) (``nd=1``)."""
     t = torch.as_tensor(v, dtype=torch.float32)
-    return t.view(-1, 1, 1) if t.ndim == 1 else t
+    return t.view(-1, *([1] * (nd - 1))) if t.ndim == 1 else t
+
+
+def _apply_steps(module: nn.Module, steps: Sequence[Dict[str, Any]], x: torch.Tensor) -> torch.Tensor:
+    for i, s in enumerate(steps):
+        op = s['op']
+        b = lambda k: getattr(module, f'_{i}_{k}')  # noqa: E731
+        if op == 'clip':
+            x = torch.minimum(torch.maximum(x, b('min')), b('max'))
+        elif op == 'add':
+            x = x + b('value')
+        elif op == 'scale':
+            x = x * b('factor')
+        elif op == 'per_sample_max':
+            # statistics over finite pixels only (NaN / inf never spread over a channel)
+            mx = torch.where(torch.isfinite(x), x, torch.full_like(x, float('-inf'))).amax(dim=(-2, -1), keepdim=True)
+            x = x / (mx + s.get('eps', 0.0))
+        elif op == 'meanstd':
+            x = (x - b('mean')) / b('std')
+        elif op == 'minmax':
+            lo, hi = s.get('out', (0.0, 1.0))
+            mn, mx = b('min'), b('max')
+            x = (x - mn) / (mx - mn) * (hi - lo) + lo
+    return x
+
+
+def _register(module: nn.Module, steps: Sequence[Dict[str, Any]], nd: int) -> None:
+    for i, s in enumerate(steps):
+        for k in ('min', 'max', 'value', 'factor', 'mean', 'std'):
+            if k in s:
+                module.register_buffer(f'_{i}_{k}', _vec(s[k], nd), persistent=False)
 
 
 class NormalizeModality(nn.Module):
     """Applies the ``normalization`` steps of one modality spec, in order, to ``(B, C, H, W)``."""
 
-    def __init__(self, spec: ModalitySpec):
+    def __init__(self, spec: ModalitySpec, nan: str = 'error'):
         super().__init__()
+        if nan not in NAN_POLICIES:
+            raise ValueError(f'nan must be one of {NAN_POLICIES}, got {nan!r}')
         self.spec = spec
+        self.nan = nan
         self.steps = [dict(s) for s in spec.normalization]
-        for i, s in enumerate(self.steps):
-            for k in ('min', 'max', 'value', 'factor', 'mean', 'std'):
-                if k in s:
-                    self.register_buffer(f'_{i}_{k}', _vec(s[k]), persistent=False)
-
-    def _b(self, i: int, k: str) -> torch.Tensor:
-        return getattr(self, f'_{i}_{k}')
+        self.last_filled = 0
+        _register(self, self.steps, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.ndim != 4:
-            raise InvalidInputError(f'{self.spec.name}: expected a (B, C, H, W) tensor, got shape {tuple(x.shape)}')
+        if not isinstance(x, torch.Tensor) or x.ndim != 4:
+            raise InvalidInputError(f'{self.spec.name}: expected a (B, C, H, W) tensor, got '
+                                    f'{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}')
         if x.shape[1] != self.spec.in_chans:
             raise InvalidInputError(
                 f'{self.spec.name}: expected {self.spec.in_chans} channels {list(self.spec.bands)}, got {x.shape[1]}')
-        x = x.float() if not x.is_floating_point() else x
-        for i, s in enumerate(self.steps):
-            op = s['op']
-            if op == 'clip':
-                x = torch.minimum(torch.maximum(x, self._b(i, 'min')), self._b(i, 'max'))
-            elif op == 'add':
-                x = x + self._b(i, 'value')
-            elif op == 'scale':
-                x = x * self._b(i, 'factor')
-            elif op == 'per_sample_max':
-                x = x / (x.amax(dim=(-2, -1), keepdim=True) + s.get('eps', 0.0))
-            elif op == 'meanstd':
-                x = (x - self._b(i, 'mean')) / self._b(i, 'std')
-            elif op == 'minmax':
-                lo, hi = s.get('out', (0.0, 1.0))
-                mn, mx = self._b(i, 'min'), self._b(i, 'max')
-                x = (x - mn) / (mx - mn) * (hi - lo) + lo
+        x = x.float() if not x.is_floating_point() or x.dtype == torch.float64 else x
+        bad = ~torch.isfinite(x)
+        n_bad = int(bad.sum()) if not x.is_meta else 0
+        if n_bad and self.nan == 'error':
+            raise InvalidInputError(
+                f'{self.spec.name}: {n_bad} non-finite pixels (NaN / inf) in the input; drop those samples or pass '
+                f'nan="fill" (statistics over valid pixels, 0 after normalisation)')
+        x = _apply_steps(self, self.steps, x)
+        if n_bad:
+            x = x.masked_fill(bad, 0.0)
+        self.last_filled = n_bad
         return x
 
     def extra_repr(self) -> str:
-        return f'{self.spec.name}: unit={self.spec.unit}, steps={[s["op"] for s in self.steps]}'
+        return f'{self.spec.name}: unit={self.spec.unit}, steps={[s["op"] for s in self.steps]}, nan={self.nan}'
 
 
-def _band_index(model_bands: Sequence[str], source_bands: Sequence[str], missing: str, modality: str) -> List[int]:
+class NormalizeCondition(nn.Module):
+    """Applies a :class:`ConditionSpec`'s steps to ``(B, len(features))`` raw values."""
+
+    def __init__(self, spec: ConditionSpec):
+        super().__init__()
+        self.spec = spec
+        self.steps = [dict(s) for s in spec.normalization]
+        _register(self, self.steps, 1)
+
+    def forward(self, v: torch.Tensor) -> torch.Tensor:
+        v = torch.as_tensor(v, dtype=torch.float32)
+        if v.ndim == 1:
+            v = v[None]
+        if v.ndim != 2 or v.shape[1] != self.spec.size:
+            raise InvalidInputError(f'{self.spec.name}: expected (B, {self.spec.size}) values '
+                                    f'[{", ".join(self.spec.features)}], got shape {tuple(v.shape)}')
+        if not bool(torch.isfinite(v).all()):
+            raise InvalidInputError(f'{self.spec.name}: non-finite values (NaN / inf)')
+        return _apply_steps(self, self.steps, v)
+
+
+def check_source_bands(mspec: ModalitySpec, source_bands: Sequence[str]) -> List[str]:
+    """Validate the data's band names against the sensor catalogue; returns them as given.
+
+    Names must be bands of the modality's sensor (qualified ``sensor:band`` names also work; wavelength-conditioned
+    modalities accept any catalogue band). Unknown names fail with a suggestion (lower case, ``B8`` vs ``B08``,
+    Earth Engine ``B2``), duplicates fail.
+    """
+    if isinstance(source_bands, str):
+        raise UnknownBandError(f'{mspec.name}: source_bands must be a list of band names, got the string {source_bands!r}')
+    names = list(source_bands)
+    dup = sorted({b for b in names if names.count(b) > 1})
+    if dup:
+        raise UnknownBandError(f'{mspec.name}: duplicate band names in the data: {dup}')
+    try:
+        sensor = get_sensor(mspec.sensor) if mspec.sensor not in ('any', 'unknown', '') else None
+    except UnknownBandError:
+        sensor = None
+    for b in names:
+        if b in mspec.bands:
+            continue  # the model's own names (placeholders included) are always fine
+        if sensor is not None and ':' not in b:
+            if b not in sensor.bands:
+                close = suggest_band(b, sensor.key)
+                hint = f'; did you mean {", ".join(close)}?' if close else ''
+                raise UnknownBandError(f'{mspec.name}: {b!r} is not a {sensor.title} band{hint} (its bands: '
+                                       f'{", ".join(sensor.band_names[:16])})')
+        else:
+            resolve_band(b)
+    return names
+
+
+def _band_index(mspec: ModalitySpec, source_bands: Sequence[str], missing: str) -> List[int]:
     """Index into the source channels for every model band; -1 marks a band to fill with zeros."""
-    lookup = {b: i for i, b in enumerate(source_bands)}
-    if len(lookup) != len(source_bands):
-        raise UnknownBandError(f'{modality}: duplicate band names in the data: {list(source_bands)}')
-    absent = [b for b in model_bands if b not in lookup]
+    names = check_source_bands(mspec, source_bands)
+    lookup = {b: i for i, b in enumerate(names)}
+    lookup.update({mspec.qualified(b): i for i, b in enumerate(names)})
+    absent = [b for b in mspec.bands if b not in lookup and mspec.qualified(b) not in lookup]
     if absent and missing != 'zeros':
         raise UnknownBandError(
-            f'{modality}: the model needs bands {absent} that the data lacks (data has {list(source_bands)}); '
+            f'{mspec.name}: the model needs bands {absent} that the data lacks (data has {names}); '
             f'choose an explicit policy (missing_bands="zeros") or a model that takes these bands')
-    return [lookup.get(b, -1) for b in model_bands]
+    return [lookup.get(b, lookup.get(mspec.qualified(b), -1)) for b in mspec.bands]
 
 
 class Preprocess(nn.Module):
-    """Band selection by name + the weights' normalisation, for a tensor or a modality dict."""
+    """Band selection by name + the weights' normalisation, for a tensor or a modality dict; conditions too."""
 
     def __init__(
             self,
             spec: InputSpec,
             source_bands: Optional[Union[Sequence[str], Mapping[str, Sequence[str]]]] = None,
             missing_bands: str = 'error',
+            allow_unnormalised: bool = False,
+            nan: str = 'error',
     ):
         super().__init__()
         if missing_bands not in ('error', 'zeros'):
             raise ValueError(f'missing_bands must be "error" or "zeros", got {missing_bands!r}')
+        if not allow_unnormalised:
+            bare = [m for m in spec.modalities if not m.normalization]
+            if bare:
+                m = bare[0]
+                raise NormalisationError(
+                    f'{m.name}: the model\'s input spec states no normalisation for bands {list(m.bands)} '
+                    f'({m.notes or "unit " + m.unit}); normalise the data yourself (e.g. dataset z-score) or pass '
+                    f'allow_unnormalised=True to feed values unchanged')
         self.spec = spec
         self.missing_bands = missing_bands
-        self.norms = nn.ModuleDict({m.name: NormalizeModality(m) for m in spec.modalities})
+        self.norms = nn.ModuleDict({m.name: NormalizeModality(m, nan) for m in spec.modalities})
+        self.cond_norms = nn.ModuleDict({c.name: NormalizeCondition(c) for c in spec.conditions})
         self.index: Dict[str, Optional[List[int]]] = {}
+        self.source_bands: Dict[str, Optional[Tuple[str, ...]]] = {}
         for m in spec.modalities:
             src = source_bands
             if isinstance(source_bands, Mapping):
+                unknown = [k for k in source_bands if k not in spec.modality_names]
+                if unknown:
+                    raise InvalidInputError(f'source_bands has unknown modalities {unknown}; the model takes '
+                                            f'{list(spec.modality_names)}')
                 src = source_bands.get(m.name)
-            self.index[m.name] = None if src is None else _band_index(m.bands, list(src), missing_bands, m.name)
+            elif source_bands is not None and len(spec.modalities) > 1:
+                raise InvalidInputError(f'source_bands must be a dict keyed by {list(spec.modality_names)} for this '
+                                        f'multimodal model')
+            self.source_bands[m.name] = None if src is None else tuple(src)
+            self.index[m.name] = None if src is None else _band_index(m, src, missing_bands)
         self.filled = {n: [spec.modality(n).bands[j] for j, i in enumerate(idx) if i < 0]
                        for n, idx in self.index.items() if idx is not None}
+
+    @property
+    def last_filled(self) -> Dict[str, int]:
+        """Non-finite pixels set to 0 in the last call, per modality (``nan='fill'``)."""
+        return {k: n.last_filled for k, n in self.norms.items()}
 
     def _one(self, name: str, x: torch.Tensor) -> torch.Tensor:
         idx = self.index[name]
         norm = self.norms[name]
         if idx is None:
             return norm(x)
-        n_src = max(idx) + 1 if max(idx) >= 0 else 0
-        if x.ndim != 4 or x.shape[1] < n_src:
-            raise InvalidInputError(f'{name}: expected (B, >= {n_src}, H, W) with the declared source bands, got {tuple(x.shape)}')
+        src = self.source_bands[name]
+        if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[1] != len(src):
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise InvalidInputError(f'{name}: {len(src)} source band names {list(src)} for an input of shape {shape}; '
+                                    f'give one name per channel, in channel order')
         keep = [max(i, 0) for i in idx]
-        out = x[:, keep].float() if not x.is_floating_point() else x[:, keep]
-        out = norm(out)
+        out = norm(x[:, keep])
         if any(i < 0 for i in idx):
             mask = torch.tensor([i >= 0 for i in idx], device=out.device).view(1, -1, 1, 1)
             out = out * mask  # the explicitly requested zero fill, applied after normalisation
@@ -129,7 +241,17 @@ class Preprocess(nn.Module):
             return self._one(self.spec.modalities[0].name, x)
         if not isinstance(x, Mapping):
             raise InvalidInputError(f'expected a dict keyed by {list(self.spec.modality_names)}, got {type(x).__name__}')
-        return {k: self._one(k, v) if k in self.norms else v for k, v in x.items()}
+        unknown = [k for k in x if k not in self.norms]
+        if unknown:
+            raise InvalidInputError(f'unknown modality keys {unknown}; expected {list(self.spec.modality_names)}')
+        return {k: self._one(k, v) if v is not None else None for k, v in x.items()}
+
+    def conditions(self, **raw: Any) -> Dict[str, torch.Tensor]:
+        """Normalise raw conditioning values (``context=...``) as the spec says; returns the keyword arguments."""
+        unknown = [k for k in raw if k not in self.cond_norms]
+        if unknown:
+            raise InvalidInputError(f'unknown conditioning inputs {unknown}; the model takes {list(self.cond_norms)}')
+        return {k: self.cond_norms[k](v) for k, v in raw.items()}
 
 
 def spec_of(model_or_spec: Any) -> InputSpec:
@@ -145,39 +267,25 @@ def for_model(
         model_or_spec: Any,
         source_bands: Optional[Union[Sequence[str], Mapping[str, Sequence[str]]]] = None,
         missing_bands: str = 'error',
+        allow_unnormalised: bool = False,
+        nan: str = 'error',
 ) -> Preprocess:
     """The preprocessing the model's weights were trained with.
 
     Args:
         model_or_spec: a model built by ``create_model`` or an :class:`InputSpec`.
-        source_bands: band names of the data's channels (per modality for dict inputs); channels are
-            then selected and reordered by name. ``None``: the data is already in the model's band order.
+        source_bands: band names of the data's channels, one per channel in channel order (per modality for dict
+            inputs); channels are then selected and reordered by name. ``None``: the data is already in the model's
+            band order.
         missing_bands: ``error`` (default) or ``zeros`` (fill bands the data lacks with 0 after normalisation).
+        allow_unnormalised: accept a spec that states no normalisation (values pass unchanged).
+        nan: ``error`` or ``fill`` (see the module docstring).
+
+    Raises:
+        NormalisationError: the spec states no normalisation and ``allow_unnormalised`` is False.
+        UnknownBandError: unknown, duplicate or missing band names.
     """
-    return Preprocess(spec_of(model_or_spec), source_bands, missing_bands)
-
-
-def example_input(
-        model_or_spec: Any,
-        batch_size: int = 1,
-        image_size: Optional[Union[int, Sequence[int]]] = None,
-        seed: int = 0,
-        device: Optional[torch.device] = None,
-) -> Union[torch.Tensor, Dict[str, torch.Tensor]]:
-    """A valid, already-normalised random input: right modalities, channels and size.
-
-    Shared by the contract tests, the benchmark harness and users (``model(example_input(model))``).
-    """
-    spec = spec_of(model_or_spec)
-    if image_size is None:
-        h, w = spec.image_size
-    elif isinstance(image_size, int):
-        h = w = image_size
-    else:
-        h, w = image_size
-    g = torch.Generator().manual_seed(seed)
-    out = {m.name: torch.randn(batch_size, m.in_chans, h, w, generator=g).to(device or 'cpu') for m in spec.modalities}
-    return out if spec.input_format == 'dict' else out[spec.modalities[0].name]
+    return Preprocess(spec_of(model_or_spec), source_bands, missing_bands, allow_unnormalised, nan)
 
 
 def example_call(
@@ -189,7 +297,19 @@ def example_call(
 ) -> Tuple[Union[torch.Tensor, Dict[str, torch.Tensor]], Dict[str, Any]]:
     """A complete valid call ``(x, kwargs)``: ``model(x, **kwargs)`` runs.
 
-    ``x`` is :func:`example_input`; ``kwargs`` holds the non-image inputs the spec declares (conditioning
-    inputs, call arguments), so generic code (benchmarks, probes, tests) can call any model.
+    ``x`` is already normalised random data of the right modalities, channels and size; ``kwargs`` holds the
+    conditioning inputs the spec declares (call arguments keep their defaults), so generic code (benchmarks,
+    probes, tests) can call any model.
     """
-    return example_input(model_or_spec, batch_size, image_size, seed, device), {}
+    return spec_of(model_or_spec).example_call(batch_size, image_size, seed, device)
+
+
+def example_input(
+        model_or_spec: Any,
+        batch_size: int = 1,
+        image_size: Optional[Union[int, Sequence[int]]] = None,
+        seed: int = 0,
+        device: Optional[torch.device] = None,
+) -> Union[torch.Tensor, Dict[str, torch.Tensor]]:
+    """The image part of :func:`example_call` (``model(example_input(model))`` runs for models without conditions)."""
+    return example_call(model_or_spec, batch_size, image_size, seed, device)[0]

@@ -12,7 +12,7 @@ from torch import nn
 
 from eobackbones.bench import autocast_context, benchmark_model, percentile, time_fn
 from eobackbones.models import EOModelMixin, build_model_with_cfg, register_arch_cfg, register_model
-from eobackbones.models._pretrained import PretrainedCfg
+from eobackbones.cfg import PretrainedCfg
 from eobackbones.spec import InputSpec, ModalitySpec
 
 REPO = Path(__file__).resolve().parents[1]

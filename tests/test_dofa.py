@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import eobackbones as eb
 from eobackbones.errors import CheckpointFormatError, InvalidInputError, UnknownBandError
 from eobackbones.layers import sincos_2d_pos_embed
-from eobackbones.models.dofa import DEFAULT_BANDS, DOFA, convert_checkpoint, dofa_input_spec
+from eobackbones.models.dofa import DEFAULT_BANDS, DOFA
 from eobackbones.sensors import band_wavelengths, get_sensor, resolve_bands
 
 tgd = pytest.importorskip('torchgeo.models.dofa')
@@ -177,8 +177,7 @@ def _register_hub_weights(hub, arch, tag, raw, layout):
     data = buf.getvalue()
     filename = f'{arch}_{tag}.pth'
     commit = hub.add_file(_REPO, filename, data)
-    patch = 16 if arch.startswith('dofa_') else TINY['patch_size']
-    spec = dofa_input_spec(resolve_bands(list(DEFAULT_BANDS)), band_wavelengths(list(DEFAULT_BANDS)), patch)
+    spec = eb.get_pretrained_cfg(arch).input_spec  # the architecture's own spec (tiny: the manifest's Satlas one)
     register_pretrained(parse_entry(f'{arch}.{tag}', dict(
         source=dict(hf_repo=_REPO, revision=commit, filename=filename, sha256=hashlib.sha256(data).hexdigest()),
         format='torch', converter='dofa', model_args=dict(kernel_layout=layout, sar_wavelength_um=3.75),
@@ -239,7 +238,8 @@ def test_hub_checkpoint_base(local_hub, hub_names):
 
 
 def test_converter_rejects_unknown_keys_and_fixes_zero_pos_embed():
-    from eobackbones.models._builder import get_converter, load_state_dict_strict
+    from eobackbones.hub.weights import get_converter
+    from eobackbones.models import load_state_dict_strict
     conv = get_converter('dofa')
     tg = tgd.DOFA(num_classes=0, **TINY)  # torchgeo initialises pos_embed with zeros
     sd = conv.fn({'model': tg.state_dict()}, None)
@@ -254,7 +254,7 @@ def test_convert_checkpoint_roundtrip(tmp_path):
     tg = _tg('tiny')
     src = tmp_path / 'dofa_mae.pth'
     torch.save(_author_mae_file(tg.state_dict()), src)
-    out = convert_checkpoint(src, tmp_path / 'out', arch='test_dofa', layout='permute')
+    out = eb.convert_checkpoint('dofa', src, tmp_path / 'out', {'arch': 'test_dofa', 'layout': 'permute'})
     assert (out[0] / 'README.md').is_file() and (out[0] / 'model.safetensors').is_file()
     model = eb.create_model(f'local-dir:{out[0]}').eval()
     x = _x(1, 9, 32)
@@ -322,7 +322,7 @@ def test_call_errors():
     m = eb.create_model('test_dofa', bands=['B04', 'B03', 'B02']).eval()
     with pytest.raises(InvalidInputError, match='3 wavelengths for an input with 4 channels'):
         m(_x(1, 4, 32))
-    with pytest.raises(InvalidInputError, match='multiple of the patch size'):
+    with pytest.raises(InvalidInputError, match='must be multiples of 8, got 36x36'):
         m(_x(1, 3, 36))
     with pytest.raises(InvalidInputError):
         m(_x(1, 2, 32), wavelengths=[0.5, 0.0])

@@ -23,7 +23,7 @@ from torch import nn
 
 from eobackbones.errors import UnknownBandError
 from eobackbones.models import EOModelMixin, build_model_with_cfg, register_arch_cfg, register_model
-from eobackbones.models._pretrained import ManualSource, PretrainedCfg
+from eobackbones.cfg import ManualSource, PretrainedCfg
 from eobackbones.spec import InputSpec, ModalitySpec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -146,10 +146,9 @@ def _register() -> None:
 
 
 def _unregister() -> None:
-    from eobackbones.models import _registry as R
+    from eobackbones.models import unregister_model
     for fn in _ENTRYPOINTS:
-        for table in (R._model_entrypoints, R._model_to_module, R._arch_cfgs):
-            table.pop(fn.__name__, None)
+        unregister_model(fn.__name__)
 
 
 @pytest.fixture(autouse=True, scope='module')
@@ -231,13 +230,14 @@ def test_missing_band_policies():
 
 def test_wavelength_model_is_built_on_the_data_bands_and_model_native_unit_mismatch_fails():
     from eobackbones.data import load_bigearthnet_mini
-    from eobackbones.eval.features import NormalisationError, plan_inputs
-    from eobackbones.eval.linear_probe import _build
-    from eobackbones.models import get_pretrained_cfg
+    from eobackbones.errors import NormalisationError
+    from eobackbones.eval.features import plan_inputs
+    from eobackbones.eval.linear_probe import build_for_data
+    from eobackbones.models import resolve_model
     data = load_bigearthnet_mini()
-    model, dropped, notes = _build('tptinyany', None, False, data, get_pretrained_cfg('tptinyany').input_spec, 'error', 0)
+    model, dropped, notes = build_for_data(resolve_model('tptinyany'), False, data, 'error', 0)
     assert model.input_spec.modalities[0].bands == data.bands['s2'] and dropped == {}
-    with pytest.raises(NormalisationError, match=r"satlas_8bit.*reflectance_1e4.*--norm dataset-zscore"):
+    with pytest.raises(NormalisationError, match=r"satlas_8bit.*reflectance_1e4.*dataset-zscore"):
         plan_inputs(model, data, norm='model-native')
     plan = plan_inputs(model, data, norm='dataset-zscore')
     assert plan.modality_map == {'image': 's2'}
@@ -247,9 +247,8 @@ def test_wavelength_model_is_built_on_the_data_bands_and_model_native_unit_misma
     sub.images['s2'] = sub.select_bands('s2', keep)
     sub.bands['s2'] = tuple(keep)
     with pytest.raises(UnknownBandError, match='drop-model-bands'):
-        _build('tptinyany', None, False, sub, get_pretrained_cfg('tptinyany').input_spec, 'error', 0)
-    model, dropped, _ = _build('tptinyany', None, False, sub, get_pretrained_cfg('tptinyany').input_spec,
-                               'drop-model-bands', 0)
+        build_for_data(resolve_model('tptinyany'), False, sub, 'error', 0)
+    model, dropped, _ = build_for_data(resolve_model('tptinyany'), False, sub, 'drop-model-bands', 0)
     assert dropped == {'image': ['B04']} and 'B04' not in model.input_spec.modalities[0].bands
 
 
@@ -354,7 +353,7 @@ def test_pretrained_row_from_local_hub(local_hub, tmp_path):
     from eobackbones import create_model
     from eobackbones.eval.linear_probe import run_probe
     from eobackbones.models import register_pretrained, unregister_pretrained
-    from eobackbones.models._pretrained import HubSource
+    from eobackbones.cfg import HubSource
     torch.manual_seed(123)
     blob = save(create_model('tptiny').state_dict())
     sha = local_hub.add_file('test/tptiny', 'model.safetensors', blob)
@@ -366,7 +365,7 @@ def test_pretrained_row_from_local_hub(local_hub, tmp_path):
     finally:
         unregister_pretrained('tptiny.hubtest')
     rows = {row['row']: row for row in r['rows']}
-    assert set(rows) == {'pretrained', 'random-init', 'baseline'} and rows['pretrained']['weights'] == 'hubtest'
+    assert set(rows) == {'pretrained', 'random-init', 'baseline'} and rows['pretrained']['weights'] == 'tptiny.hubtest'
     assert rows['pretrained']['map_macro'] != rows['random-init']['map_macro']
 
 
@@ -397,7 +396,7 @@ def test_folder_dataset_bands_from_cli_and_unreadable_files(home, capsys):
 
 @pytest.mark.parametrize('argv, pattern', [
     (('--model', 'tptinyy'), 'unknown model'),
-    (('--model', 'tptinyany', '--pretrained', 'none'), 'model-native is impossible.*--norm dataset-zscore'),
+    (('--model', 'tptinyany', '--pretrained', 'none', '--norm', 'model-native'), 'model-native is impossible.*dataset-zscore'),
     (('--model', 'tptinyb10', '--pretrained', 'none', '--norm', 'dataset-zscore'), 'B10'),
     (('--model', 'tptiny', '--dataset', 'folder', '--root', '.'), 'needs --bands'),
     (('--model', 'tptiny', '--dataset', 'eurosat'), 'needs --root'),
@@ -406,8 +405,8 @@ def test_folder_dataset_bands_from_cli_and_unreadable_files(home, capsys):
 ])
 def test_cli_error_paths_are_one_line(home, capsys, argv, pattern):
     import re
-    from eobackbones.eval.linear_probe import main_probe
-    rc = main_probe(_args(*FAST, *argv))
+    from eobackbones.cli import main
+    rc = main(['probe', *FAST, *argv])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith('error: ') and err.count('\n') == 1 and re.search(pattern, err), err
 
@@ -448,7 +447,7 @@ def test_eurosat_adapter_band_order_from_torchgeo(tmp_path):
     pytest.importorskip('torchgeo')
     pytest.importorskip('rasterio')
     import tifffile
-    from eobackbones.eval.datasets_torchgeo import load_torchgeo
+    from eobackbones.data.torchgeo import load_torchgeo
     src = REPO / 'tests' / 'data' / 'eurosat-ms-4'
     base = tmp_path / 'ds' / 'images' / 'remote_sensing' / 'otherDatasets' / 'sentinel_2' / 'tif'
     # torchvision's ImageFolder wants every class in every split: each real file is copied once per split
@@ -566,7 +565,7 @@ def test_bigearthnet_adapter_maps_bands_by_file_name(tmp_path):
     """torchgeo's BigEarthNet v1 layout, written from real embedded patches: bands come out by name, S1 as VH, VV."""
     rasterio = pytest.importorskip('rasterio')
     from eobackbones.data import load_bigearthnet_mini
-    from eobackbones.eval.datasets_torchgeo import load_torchgeo
+    from eobackbones.data.torchgeo import load_torchgeo
     real = load_bigearthnet_mini(('s1', 's2'))
     valid = [i for i in range(len(real)) if np.isfinite(real.images['s1'][i]).all()][:6]
     s2_names, s1_names = list(real.bands['s2']), list(real.bands['s1'])
@@ -618,7 +617,7 @@ def test_so2sat_adapter_converts_units_and_maps_bands(tmp_path):
     S2 = reflectance -> reflectance x 1e4, bands by So2Sat's names."""
     h5py = pytest.importorskip('h5py')
     from eobackbones.data import load_bigearthnet_mini
-    from eobackbones.eval.datasets_torchgeo import load_torchgeo
+    from eobackbones.data.torchgeo import load_torchgeo
     real = load_bigearthnet_mini(('s1', 's2'))
     valid = [i for i in range(len(real)) if np.isfinite(real.images['s1'][i]).all()][:6]
     so2sat_s2 = ['B02', 'B03', 'B04', 'B05', 'B06', 'B07', 'B08', 'B8A', 'B11', 'B12']

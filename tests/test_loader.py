@@ -1,4 +1,5 @@
 """The Hub loader end to end: real huggingface_hub against the local Hub server (tests/hubserver.py)."""
+import dataclasses
 import hashlib
 import io
 import os
@@ -13,6 +14,7 @@ from safetensors.torch import save as st_save
 
 import eobackbones
 from eobackbones.errors import ChecksumMismatchError, CheckpointFormatError, WeightsNotFoundError
+from eobackbones import env
 from eobackbones.hub import download
 from tiny_models import TINY_SPEC, upstream_checkpoint
 
@@ -53,8 +55,12 @@ def _blobs() -> list:
 
 
 def _converted_files() -> list:
-    d = download.cache_home() / 'converted'
-    return sorted(str(p.relative_to(d)) for p in d.rglob('*') if p.is_file() and not p.name.endswith('.lock'))
+    """Converted weight files (each has its .sha256 record beside it; locks and records are not counted)."""
+    d = env.cache_home() / 'converted'
+    files = sorted(str(p.relative_to(d)) for p in d.rglob('*.safetensors') if p.is_file())
+    assert all((d / f).with_name(Path(f).name + '.sha256').is_file() for f in files)
+    assert not [p for p in d.rglob('*.tmp')]  # no half-written leftovers
+    return files
 
 
 def test_first_download_then_cache_hit_with_server_stopped(local_hub, register_weights, monkeypatch):
@@ -71,10 +77,10 @@ def test_first_download_then_cache_hit_with_server_stopped(local_hub, register_w
 
     # second load: converted safetensors only; neither the server nor the converter is used
     local_hub.stop()
-    from eobackbones.models import _builder
-    conv = _builder._converters['test_tiny.upstream']
-    monkeypatch.setitem(_builder._converters, 'test_tiny.upstream',
-                        _builder.Converter(conv.name, lambda raw, cfg: pytest.fail('re-converted'), conv.allow_missing))
+    from eobackbones.hub import weights
+    conv = weights._converters['test_tiny.upstream']
+    monkeypatch.setitem(weights._converters, 'test_tiny.upstream',
+                        dataclasses.replace(conv, fn=lambda raw, cfg: pytest.fail('re-converted')))
     again = eobackbones.create_model('test_tiny_cnn', pretrained='hubtest')
     assert _same_weights(again, src)
 
@@ -274,7 +280,7 @@ def test_four_processes_load_the_same_weights_at_once(local_hub, register_weight
     files = _converted_files()
     assert len(files) == 1, files  # one converted file, no temporary leftovers
     from safetensors.torch import load_file
-    loaded = load_file(str(download.cache_home() / 'converted' / files[0]))
+    loaded = load_file(str(env.cache_home() / 'converted' / files[0]))
     assert all(torch.equal(loaded[k], v) for k, v in src.state_dict().items())
 
 
@@ -282,7 +288,7 @@ def test_save_pretrained_round_trip_local_dir_and_hf_hub(local_hub, tmp_path):
     torch.manual_seed(0)
     model = eobackbones.create_model('test_tiny_cnn', num_classes=3, width=4).eval()
     out = model.save_pretrained(tmp_path / 'saved')
-    assert {p.name for p in out.iterdir()} == {'config.json', 'model.safetensors'}
+    assert {p.name for p in out.iterdir()} == {'config.json', 'model.safetensors', 'README.md'}
     x = eobackbones.example_input(model, 2)
     again = eobackbones.create_model(f'local-dir:{out}').eval()
     assert torch.equal(model(x), again(x))

@@ -9,11 +9,11 @@ import eobackbones
 from eobackbones.errors import ManifestError
 from eobackbones.hub.manifest import load_manifest, manifest_path, parse_entry, parse_manifest
 from eobackbones.models import list_models
-from eobackbones.models._builder import _converters
-from eobackbones.models._pretrained import HubSource, ManualSource
+from eobackbones.cfg import HubSource, ManualSource
+from eobackbones.hub.weights import _converters
 
 ROOT = Path(__file__).resolve().parents[1]
-ENTRIES = load_manifest()
+ARCHS, ENTRIES = load_manifest()
 
 
 def test_packaged_manifest_is_the_top_level_file():
@@ -82,3 +82,46 @@ def test_schema_rejects_bad_names_and_versions():
         parse_entry('DOFA-base', raw['weights']['dofa_base.torchgeo_v1'], raw['specs'])
     with pytest.raises(ManifestError, match='version: 1'):
         parse_manifest(dict(raw, version=2))
+
+
+def test_every_package_architecture_has_a_manifest_entry():
+    """Weight-less defaults (input spec, notes) are data too: one `architectures:` entry per registered model."""
+    named = {c.architecture for c in ARCHS}
+    package = [m for m in list_models() if not m.startswith('test_')]
+    assert sorted(set(package) - named) == []
+    assert sorted(named - set(package)) == []
+
+
+def test_a_new_weight_of_an_existing_architecture_is_yaml_only(tmp_path, monkeypatch):
+    """Adding weights needs no code: a manifest with one more entry gives a loadable, listed model."""
+    import hashlib
+    import torch
+    from safetensors.torch import save_file
+    from eobackbones.models import _registry
+    raw = _raw()
+    torch.manual_seed(0)
+    src = eobackbones.create_model('dualsimclr_resnet18_s2').eval()
+    weights = tmp_path / 'w.safetensors'
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(weights))
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    installed = tmp_path / 'home' / 'manual' / 'dualsimclr_resnet18_s2.my_run'
+    src.save_pretrained(installed)
+    raw['weights']['dualsimclr_resnet18_s2.my_run'] = dict(
+        source={'manual': 'my lab share', 'sha256': digest}, format='safetensors', license='CC-BY-4.0',
+        paper='none', provenance='trained by us on our data')  # input_spec: inherited from the architecture
+    path = tmp_path / 'manifest.yaml'
+    path.write_text(yaml.safe_dump(raw), encoding='utf-8')
+    archs, weights_cfgs = load_manifest(path)
+    cfg = next(c for c in weights_cfgs if c.name == 'dualsimclr_resnet18_s2.my_run')
+    assert cfg.input_spec == eobackbones.get_pretrained_cfg('dualsimclr_resnet18_s2').input_spec
+    monkeypatch.setenv('EOBACKBONES_HOME', str(tmp_path / 'home'))
+    _registry.register_pretrained(cfg)
+    try:
+        assert 'dualsimclr_resnet18_s2.my_run' in eobackbones.list_pretrained('dualsimclr_resnet18_s2*')
+        model = eobackbones.create_model('dualsimclr_resnet18_s2.my_run', pretrained=True).eval()
+        x = eobackbones.example_input(model, 1, 64)
+        with torch.no_grad():
+            assert torch.equal(model(x), src(x))
+        assert model.provenance.base.kind == 'none'  # what the installed directory says it holds
+    finally:
+        _registry.unregister_pretrained('dualsimclr_resnet18_s2.my_run')

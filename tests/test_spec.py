@@ -108,13 +108,15 @@ def test_band_selection_by_name():
 
 
 def test_preprocess_errors_and_dicts():
-    spec = InputSpec(modalities=(_mod(), _mod(name='s1', sensor='sentinel1', bands=('VV', 'VH'), unit='dB')), input_format='dict')
+    scale = ({'op': 'scale', 'factor': 1.0},)
+    spec = InputSpec(modalities=(_mod(normalization=scale), _mod(name='s1', sensor='sentinel1', bands=('VV', 'VH'),
+                                                                  unit='dB', normalization=scale)), input_format='dict')
     pre = transforms.for_model(spec)
     with pytest.raises(InvalidInputError, match=r"s2: expected 2 channels \['B04', 'B03'\], got 3"):
         pre({'s2': torch.zeros(1, 3, 4, 4), 's1': torch.zeros(1, 2, 4, 4)})
     with pytest.raises(InvalidInputError, match='expected a dict keyed by'):
         pre(torch.zeros(1, 2, 4, 4))
-    single = InputSpec(modalities=(_mod(),))
+    single = InputSpec(modalities=(_mod(normalization=scale),))
     with pytest.raises(MissingModalityError, match="expected modality 's2', got keys \\['s1'\\]"):
         transforms.for_model(single)({'s1': torch.zeros(1, 2, 4, 4)})
 

@@ -19,8 +19,8 @@ import eobackbones
 import parity_synth as synth
 from eobackbones.errors import CheckpointFormatError, InvalidInputError, MissingModalityError, WeightsNotFoundError
 from eobackbones.hub.download import read_torch_checkpoint
-from eobackbones.models import sslrs
-from eobackbones.models._builder import get_converter, load_state_dict_strict
+from eobackbones.hub.weights import get_converter
+from eobackbones.models import _sen12ms, load_state_dict_strict
 from eobackbones.pretrain import DualSimCLRLoss, SwinPairLoss, info_nce, pair_embeddings
 from eobackbones.transforms import for_model
 
@@ -207,7 +207,7 @@ def test_checkpoint_with_optimizer_loads_weights_only(tmp_path):
     loaded = read_torch_checkpoint(path, 'test')  # torch.load(weights_only=True)
     assert set(loaded) == {'epoch', 'arch', 'state_dict', 'optimizer'}
     assert loaded['optimizer']['param_groups'][0]['betas'] == (0.9, 0.999)
-    assert sslrs.detect_release(loaded) == 'resnet18'
+    assert _sen12ms.detect_release(loaded) == 'resnet18'
 
 
 def test_converter_drops_and_renames():
@@ -260,10 +260,10 @@ def test_release_detection_and_mismatch():
     with pytest.raises(CheckpointFormatError, match='resnet18 release'):
         conv.fn(raw, eobackbones.get_pretrained_cfg('dualsimclr_resnet50.sen12ms'))
     with pytest.raises(CheckpointFormatError, match='"arch"'):
-        sslrs.detect_release(dict(raw, arch='resnet50'))
-    assert sslrs.detect_release(dict(raw, arch='something else')) == 'resnet18'  # unknown names: the keys decide
+        _sen12ms.detect_release(dict(raw, arch='resnet50'))
+    assert _sen12ms.detect_release(dict(raw, arch='something else')) == 'resnet18'  # unknown names: the keys decide
     with pytest.raises(CheckpointFormatError, match='SSLTransformerRS'):
-        sslrs.detect_release({'state_dict': {'conv1.weight': torch.zeros(1)}})
+        _sen12ms.detect_release({'state_dict': {'conv1.weight': torch.zeros(1)}})
 
 
 def test_convert_checkpoint_round_trip(tmp_path):
@@ -282,7 +282,8 @@ def test_convert_checkpoint_round_trip(tmp_path):
         conf = json.loads((d / 'config.json').read_text())
         card = (d / 'README.md').read_text()
         assert conf['license'] == 'NOASSERTION' and 'NOASSERTION' in card and sha in card
-        assert conf['weights'] == d.name
+        assert conf['weights'] == d.name and conf['provenance']['kind'] == 'manifest'
+        assert conf['provenance']['sha256'] == sha
         model = eobackbones.create_model(f'local-dir:{d}').eval()
         assert model.input_spec == eobackbones.get_pretrained_cfg(d.name).input_spec
         with torch.no_grad():
@@ -346,8 +347,8 @@ def test_manifest_entries():
         for arch in (pair, pair + '_s1', pair + '_s2'):
             cfg = eobackbones.get_pretrained_cfg(f'{arch}.sen12ms')
             assert gid in cfg.source.manual and cfg.converter == 'sslrs' and cfg.license == 'NOASSERTION'
-            assert cfg.input_spec == get_arch_cfg(arch).input_spec  # YAML and Python specs agree
-            assert all(m.in_chans == sslrs.IN_CHANS[m.name] for m in cfg.input_spec.modalities)
+            assert cfg.input_spec == get_arch_cfg(arch).input_spec  # the tag inherits the architecture's spec
+            assert all(m.in_chans == {'s1': 2, 's2': 13}[m.name] for m in cfg.input_spec.modalities)
             assert cfg.input_spec.image_size == ((224, 224) if 'swin' in arch else (128, 128))
     with pytest.raises(WeightsNotFoundError, match='eobackbones convert sslrs'):
         eobackbones.create_model('dualsimclr_resnet50_s2', pretrained=True)
@@ -386,7 +387,7 @@ def test_missing_modality_policy():
     assert [f.shape[1] for f in feats] == [fi['num_chs'] for fi in model.feature_info] == [128, 256, 512, 1024]
     assert all(torch.equal(f[:, :f.shape[1] // 2], torch.zeros_like(f[:, :f.shape[1] // 2])) for f in feats)
     assert set(model.forward_pooled({'s2': x['s2']})) == {'s2'}
-    with pytest.raises(MissingModalityError, match='at least one'):
+    with pytest.raises(MissingModalityError, match='non-empty subset'):
         model({})
     with pytest.raises(ValueError, match='missing'):
         eobackbones.create_model('dualsimclr_resnet18', missing='branch')

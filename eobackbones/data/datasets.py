@@ -42,6 +42,11 @@ class ProbeData:
         groups: Optional (N,) group ids (e.g. MGRS tile) for grouped cross-validation.
         ids: Optional (N,) sample ids (patch ids, relative file paths).
         meta: Free-form provenance / loading report.
+        masks: Optional (N, H, W) int per-pixel classes over ``label_names`` (segmentation sets; ``labels`` then
+            holds the per-image presence multi-hot).
+        ignore_index: mask value excluded from losses and metrics.
+        conditions: Optional non-image inputs per sample, name -> (N, k) raw values (e.g. a diffusion model's
+            ``context``), normalised by the model's spec like images.
     """
 
     name: str
@@ -55,9 +60,17 @@ class ProbeData:
     groups: np.ndarray | None = None
     ids: np.ndarray | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    masks: np.ndarray | None = None
+    ignore_index: int | None = None
+    conditions: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         n = len(self.labels)
+        if self.masks is not None and (self.masks.ndim != 3 or len(self.masks) != n):
+            raise ValueError(f"masks has shape {self.masks.shape}, expected ({n}, H, W)")
+        for k, v in self.conditions.items():
+            if v.ndim != 2 or len(v) != n:
+                raise ValueError(f"conditions[{k!r}] has shape {v.shape}, expected ({n}, k)")
         for m, x in self.images.items():
             if x.ndim != 4 or len(x) != n:
                 raise ValueError(f"images[{m!r}] has shape {x.shape}, expected ({n}, C, H, W)")
@@ -78,6 +91,10 @@ class ProbeData:
     def num_classes(self) -> int:
         return len(self.label_names)
 
+    @property
+    def task(self) -> str:
+        return "segmentation" if self.masks is not None else "classification"
+
     def indices(self, split: str) -> np.ndarray:
         """Row indices of one split."""
         return np.flatnonzero(self.split == split)
@@ -95,7 +112,14 @@ class ProbeData:
             groups=take(self.groups),
             ids=take(self.ids),
             meta=dict(self.meta),
+            masks=take(self.masks),
+            conditions={k: v[index] for k, v in self.conditions.items()},
         )
+
+    def restrict_bands(self, modality: str, names: Sequence[str]) -> ProbeData:
+        """The dataset with ``modality`` reduced to the bands ``names`` (by name, in that order)."""
+        return dataclasses.replace(self, images=dict(self.images, **{modality: self.select_bands(modality, names)}),
+                                   bands=dict(self.bands, **{modality: tuple(names)}))
 
     def select_bands(self, modality: str, names: Sequence[str]) -> np.ndarray:
         """Channels of ``modality`` reordered to ``names`` (mapping by name, never by position)."""
@@ -142,24 +166,19 @@ def load_bigearthnet_mini(modalities: Sequence[str] = ("s2",)) -> ProbeData:
         )
 
 
-def nan_policy(data: ProbeData, policy: Literal["drop", "fill"] = "drop") -> tuple[ProbeData, dict[str, Any]]:
-    """Handle samples with NaN pixels (e.g. missing S1 acquisitions).
+def nan_policy(data: ProbeData, policy: Literal["drop", "keep"] = "drop") -> tuple[ProbeData, dict[str, Any]]:
+    """Count (and with ``"drop"`` remove) samples with NaN pixels, e.g. missing S1 acquisitions.
 
-    ``"drop"`` removes every sample with a NaN in any modality. ``"fill"`` replaces NaN pixels
-    by the per-band median of the valid pixels of the *training* split, so no validation/test
-    statistic leaks into the inputs and every split is filled with the same constant; a fully
-    missing image becomes a flat "typical" image rather than an outlier.
-
-    Args:
-        data: Dataset to clean (not modified).
-        policy: ``"drop"`` or ``"fill"``.
+    ``"drop"`` removes every sample with a NaN in any modality; ``"keep"`` keeps them for the preprocessing's NaN
+    rule (``transforms.for_model(nan="fill" | "error")``: statistics over valid pixels and 0 after normalisation, or
+    a one-line error), so the probe and ``for_model`` apply one rule.
 
     Returns:
-        The cleaned dataset and a report with per-split counts of NaN samples (``"nan_samples"``),
-        samples kept (``"kept"``) and, for ``"fill"``, the fill values per modality.
+        The dataset and a report with per-split counts of NaN samples (``"nan_samples"``) and samples kept.
     """
-    if policy not in ("drop", "fill"):
-        raise ValueError(f"policy must be 'drop' or 'fill', got {policy!r}")
+    if policy not in ("drop", "keep"):
+        raise ValueError(f"policy must be 'drop' or 'keep' (filling is the preprocessing's NaN rule: "
+                         f"transforms.for_model(nan='fill')), got {policy!r}")
     bad = np.zeros(len(data), dtype=bool)
     for x in data.images.values():
         bad |= np.isnan(x).reshape(len(x), -1).any(1)
@@ -168,20 +187,7 @@ def nan_policy(data: ProbeData, policy: Literal["drop", "fill"] = "drop") -> tup
         "nan_samples": {s: int(bad[data.split == s].sum()) for s in SPLITS},
         "nan_ids": [] if data.ids is None else [str(i) for i in data.ids[bad]],
     }
-    if policy == "drop":
-        out = data.subset(~bad)
-    else:
-        out = data.subset(np.arange(len(data)))
-        train = data.split == "train"
-        report["fill_values"] = {}
-        for m, x in out.images.items():
-            if not np.isnan(x).any():
-                continue
-            med = np.nanmedian(np.moveaxis(x[train], 1, 0).reshape(x.shape[1], -1), axis=1)
-            if np.isnan(med).any():
-                raise ValueError(f"{m}: some bands have no valid training pixel to fill from")
-            x[:] = np.where(np.isnan(x), med[None, :, None, None].astype(x.dtype), x)
-            report["fill_values"][m] = med.tolist()
+    out = data.subset(~bad) if policy == "drop" else data
     report["kept"] = {s: int((out.split == s).sum()) for s in SPLITS}
     out.meta["nan_policy"] = report
     return out, report

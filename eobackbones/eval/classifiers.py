@@ -1,6 +1,7 @@
 """Linear and kNN probes on frozen features, in torch (CPU or GPU)."""
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
 import numpy as np
@@ -18,13 +19,15 @@ def band_statistics_features(images: np.ndarray) -> np.ndarray:
     """Per-band spatial mean and standard deviation, the no-backbone baseline.
 
     Args:
-        images: (N, C, H, W) array (NaN propagates; clean it with ``nan_policy`` first).
+        images: (N, C, H, W) array; statistics are over the valid (non-NaN) pixels, NaN for an all-NaN band.
 
     Returns:
         (N, 2C) float32: C means followed by C standard deviations.
     """
     x = np.asarray(images, dtype=np.float64).reshape(*images.shape[:2], -1)
-    return np.concatenate([x.mean(-1), x.std(-1)], axis=1).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', RuntimeWarning)  # all-NaN bands: NaN is the honest answer
+        return np.concatenate([np.nanmean(x, -1), np.nanstd(x, -1)], axis=1).astype(np.float32)
 
 
 class LinearProbe:
@@ -67,11 +70,14 @@ def _loss(z: torch.Tensor, y: torch.Tensor, multilabel: bool) -> torch.Tensor:
 
 
 def _fit(x: torch.Tensor, y: torch.Tensor, num_classes: int, multilabel: bool, l2: float,
-         max_iter: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+         max_iter: int, standardize: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Full-batch L-BFGS from zero init (deterministic); the intercept is not penalised."""
-    mean = x.mean(0)
-    std = x.std(0, unbiased=False)
-    std = torch.where(std > 1e-12 * mean.abs().clamp_min(1.0), std, torch.ones_like(std))
+    if standardize:
+        mean = x.mean(0)
+        std = x.std(0, unbiased=False)
+        std = torch.where(std > 1e-12 * mean.abs().clamp_min(1.0), std, torch.ones_like(std))
+    else:
+        mean, std = torch.zeros_like(x[0]), torch.ones_like(x[0])
     xs = (x - mean) / std
     w = torch.zeros(num_classes, x.shape[1], dtype=x.dtype, device=x.device, requires_grad=True)
     b = torch.zeros(num_classes, dtype=x.dtype, device=x.device, requires_grad=True)
@@ -100,6 +106,10 @@ def fit_linear_probe(
     refit: bool = True,
     max_iter: int = 500,
     dtype: torch.dtype = torch.float64,
+    c_grid: Sequence[float] | None = None,
+    standardize: bool = True,
+    select_metric: str | None = None,
+    tie_break: str = "val_loss",
 ) -> LinearProbe:
     """Logistic-regression probe with the L2 strength chosen on the validation split.
 
@@ -122,6 +132,12 @@ def fit_linear_probe(
         refit: Refit on train + val with the chosen strength.
         max_iter: L-BFGS iterations per fit.
         dtype: Compute dtype (float64 keeps L-BFGS convergence tight).
+        c_grid: sweep scikit-learn's ``C`` instead (``l2 = 1 / (C * n_fit)``, so a refit on more samples keeps
+            ``C``, as torchgeo-bench does); ``chosen_l2`` then holds the chosen ``C``.
+        standardize: standardise features with the fit set's statistics (False: raw features).
+        select_metric: validation metric (default: ``accuracy`` / ``map_macro``).
+        tie_break: ``val_loss`` (lower validation loss, then larger ``l2``) or ``smallest_c`` (strongest
+            regularisation wins a tie, as torchgeo-bench's strict ``>``).
     """
     def t(a: np.ndarray, labels: bool = False) -> torch.Tensor:
         dt = (dtype if multilabel else torch.long) if labels else dtype
@@ -133,28 +149,37 @@ def fit_linear_probe(
     else:
         k = num_classes or int(max(ytr.max().item(), yva.max().item() if len(yva) else 0)) + 1
 
-    grid = sorted(float(g) for g in grid)
+    # each candidate as the l2 strength for n samples: l2 itself, or 1 / (C n) on a C grid
+    if c_grid is not None:
+        cands = sorted(float(c) for c in c_grid)
+        strength = lambda c, n: 1.0 / (c * n)  # noqa: E731
+    else:
+        cands = sorted(float(g) for g in grid)
+        strength = lambda l2, n: l2  # noqa: E731
+    metric_name = select_metric or ("map_macro" if multilabel else "accuracy")
     val_scores: dict[float, float] = {}
-    best_l2, best_key = grid[-1], None
-    if len(grid) > 1:
-        for l2 in grid:
-            probe = LinearProbe(*_fit(xtr, ytr, k, multilabel, l2, max_iter), multilabel, l2)
+    # default: the strongest regularisation (largest l2 / smallest C)
+    best, best_key = (cands[0] if c_grid is not None else cands[-1]), None
+    if len(cands) > 1:
+        for c in cands:
+            probe = LinearProbe(*_fit(xtr, ytr, k, multilabel, strength(c, len(xtr)), max_iter, standardize),
+                                multilabel, c)
             with torch.no_grad():
                 z = probe.logits(xva)
                 val_loss = _loss(z, yva, multilabel).item()
             scores = probe.predict_scores(xva)
-            if multilabel:
-                metric = multilabel_metrics(y_val, scores)["map_macro"]
-            else:
-                metric = singlelabel_metrics(y_val, scores)["accuracy"]
-            val_scores[l2] = metric
-            key = (round(metric, 12), -val_loss, l2)
+            fn = multilabel_metrics if multilabel else singlelabel_metrics
+            metric = fn(y_val, scores)[metric_name]
+            val_scores[c] = metric
+            l2 = strength(c, len(xtr))
+            key = (round(metric, 12), -val_loss, l2) if tie_break == "val_loss" else (round(metric, 12), l2)
             if best_key is None or key > best_key:
-                best_l2, best_key = l2, key
+                best, best_key = c, key
 
     if refit:
         xtr, ytr = torch.cat([xtr, xva]), torch.cat([ytr, yva])
-    return LinearProbe(*_fit(xtr, ytr, k, multilabel, best_l2, max_iter), multilabel, best_l2, val_scores)
+    return LinearProbe(*_fit(xtr, ytr, k, multilabel, strength(best, len(xtr)), max_iter, standardize),
+                       multilabel, best, val_scores)
 
 
 @torch.no_grad()
@@ -168,6 +193,7 @@ def knn_scores(
     temperature: float = 0.07,
     device: str | torch.device = "cpu",
     chunk: int = 1024,
+    metric: str = "cosine",
 ) -> np.ndarray:
     """Cosine kNN probe with similarity-weighted votes.
 
@@ -187,12 +213,18 @@ def knn_scores(
         temperature: Softness of the vote weights.
         device: Torch device.
         chunk: Test rows per similarity block (bounds memory).
+        metric: ``cosine`` (similarity-weighted votes) or ``l2`` (Euclidean distance on the raw features,
+            uniform votes; torchgeo-bench's kNN).
 
     Returns:
         (M, K) float32 scores.
     """
-    xtr = F.normalize(torch.as_tensor(np.asarray(x_train), device=device).float(), dim=1)
-    xte = F.normalize(torch.as_tensor(np.asarray(x_test), device=device).float(), dim=1)
+    if metric not in ("cosine", "l2"):
+        raise ValueError(f"metric must be cosine or l2, got {metric!r}")
+    xtr = torch.as_tensor(np.asarray(x_train), device=device).float()
+    xte = torch.as_tensor(np.asarray(x_test), device=device).float()
+    if metric == "cosine":
+        xtr, xte = F.normalize(xtr, dim=1), F.normalize(xte, dim=1)
     y = torch.as_tensor(np.asarray(y_train), device=device)
     if multilabel:
         votes = y.float()
@@ -201,6 +233,12 @@ def knn_scores(
     k = min(k, len(xtr))
     out = []
     for start in range(0, len(xte), chunk):
+        if metric == "l2":
+            # uniform votes of the k nearest by Euclidean distance (ties: lowest training index first)
+            d = torch.cdist(xte[start:start + chunk].double(), xtr.double())
+            idx = torch.sort(d, dim=1, stable=True).indices[:, :k]
+            out.append(votes[idx].mean(1))
+            continue
         sim, idx = (xte[start:start + chunk] @ xtr.T).topk(k, dim=1)
         w = torch.exp((sim - sim[:, :1]) / temperature)  # shift by the max for stability; cancels below
         out.append((w[..., None] * votes[idx]).sum(1) / w.sum(1, keepdim=True))

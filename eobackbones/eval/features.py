@@ -39,22 +39,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import InvalidInputError, UnknownBandError
+from ..env import cache_home
+from ..errors import InvalidInputError, MissingModalityError, NormalisationError, UnknownBandError
+from .. import optimize
+from ..sensors import get_sensor, resolve_band
 from ..spec import InputSpec, ModalitySpec
+from ..transforms import for_model
+from ..version import __version__
 
 __all__ = [
     'NORM_CHOICES', 'MISSING_CHOICES', 'InputPlan', 'NormalisationError', 'amp_dtype', 'data_modality_for',
     'plan_inputs', 'extract_features', 'feature_cache_dir', 'dist_info', 'init_distributed', 'data_fingerprint',
-    'model_fingerprint', 'stride16_index',
+    'model_fingerprint', 'seg_feature_index',
 ]
 
-NORM_CHOICES = ('model-native', 'dataset-zscore')
+NORM_CHOICES = ('auto', 'model-native', 'dataset-zscore')
 MISSING_CHOICES = ('error', 'zeros', 'drop-model-bands')
-_SENSOR_TO_KEY = {'sentinel2': 's2', 'sentinel1': 's1'}
-
-
-class NormalisationError(InvalidInputError):
-    """Model-native normalisation is impossible for this data (unit mismatch without a published mapping)."""
 
 
 # ----------------------------------------------------------------------------------------------- hardware
@@ -85,8 +85,7 @@ def amp_dtype(device: torch.device, requested: str = 'auto') -> Tuple[Optional[t
             return torch.bfloat16, 'bf16 (auto: CUDA device supports bf16)'
         return None, 'fp32 (auto: CUDA device without bf16)'
     if device.type == 'cpu':
-        from ..optimize import cpu_has_native_bf16  # one rule for every "auto" precision in the package
-        if cpu_has_native_bf16():
+        if optimize.cpu_has_native_bf16():
             return torch.bfloat16, 'bf16 (auto: CPU with native bf16, AMX or AVX512-BF16)'
         return None, f'fp32 (auto: CPU without native bf16, capability {torch.backends.cpu.get_cpu_capability()})'
     return None, f'fp32 (auto: device {device.type})'
@@ -155,22 +154,33 @@ def _gather_rows(local: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def data_modality_for(mspec: ModalitySpec, available: Sequence[str]) -> Optional[str]:
-    """Which data modality feeds a model modality: same name, else by sensor (sentinel2 -> s2)."""
+    """Which data modality feeds a model modality: the same name, else the catalogue's modality key of its sensor
+    (``sentinel2`` -> ``s2``, ``dem`` -> ``dem``), else, for a wavelength-conditioned modality, the first available."""
     if mspec.name in available:
         return mspec.name
-    key = _SENSOR_TO_KEY.get(mspec.sensor)
+    try:
+        key = get_sensor(mspec.sensor).modality
+    except UnknownBandError:
+        key = None
     if key in available:
         return key
-    if mspec.sensor == 'any' and len(available) == 1:
+    if mspec.any_bands and available:
         return available[0]
     return None
 
 
-def needed_data_modalities(spec: InputSpec) -> Tuple[str, ...]:
-    """Data modality keys (``s1`` / ``s2``) a model spec consumes, as best known before loading data."""
+def needed_data_modalities(spec: InputSpec, available: Optional[Sequence[str]] = None) -> Tuple[str, ...]:
+    """Data modality keys a model spec consumes (by name, else by the sensor catalogue), in the spec's order."""
     out = []
     for m in spec.modalities:
-        key = m.name if m.name in ('s1', 's2') else _SENSOR_TO_KEY.get(m.sensor, 's2')
+        key = data_modality_for(m, available) if available is not None else None
+        if key is None:
+            try:
+                key = m.name if m.any_bands and m.name != 'image' else get_sensor(m.sensor).modality
+            except UnknownBandError:
+                key = m.name
+            if m.any_bands and m.name == 'image':
+                key = available[0] if available else 's2'
         if key not in out:
             out.append(key)
     return tuple(out)
@@ -180,7 +190,7 @@ def needed_data_modalities(spec: InputSpec) -> Tuple[str, ...]:
 class InputPlan:
     """How the data reaches one model; written into every result row."""
     spec: InputSpec                          # the spec the preprocessing applies (zscore replaces normalisation)
-    modality_map: Dict[str, str]             # model modality -> data modality
+    modality_map: Dict[str, str]             # model modality -> data modality (only the ones fed)
     source_bands: Dict[str, Tuple[str, ...]]  # model modality -> the data's band names (channel order)
     model_bands: Dict[str, Tuple[str, ...]]   # model modality -> bands fed to the model, in model order
     filled_bands: Dict[str, List[str]]       # zero-filled (missing_bands=zeros)
@@ -192,15 +202,21 @@ class InputPlan:
     resized_from: Optional[Tuple[int, int]]
     zscore_stats: Dict[str, Dict[str, List[float]]] = field(default_factory=dict)
     preprocess: Optional[nn.Module] = None
+    norm_by_modality: Dict[str, str] = field(default_factory=dict)  # model-native / dataset-zscore, per modality
+    absent: Tuple[str, ...] = ()             # model modalities given no data (the model's missing policy applies)
+    forward_kwargs: Dict[str, Any] = field(default_factory=dict)   # call arguments passed with every forward
+    conditions: Dict[str, str] = field(default_factory=dict)        # condition name -> data condition key
 
     def describe(self) -> Dict[str, Any]:
         return dict(
-            norm=self.norm, missing_bands=self.missing_bands, modality_map=dict(self.modality_map),
+            norm=self.norm, norm_by_modality=dict(self.norm_by_modality), missing_bands=self.missing_bands,
+            modality_map=dict(self.modality_map), absent_modalities=list(self.absent),
             model_bands={k: list(v) for k, v in self.model_bands.items()},
             filled_bands=self.filled_bands, dropped_model_bands=self.dropped_model_bands,
             unused_data_bands=self.unused_data_bands, image_size=list(self.image_size),
             resized_from=list(self.resized_from) if self.resized_from else None,
-            units={m: self.spec.modality(m).unit for m in self.modality_map})
+            units={m: self.spec.modality(m).unit for m in self.modality_map},
+            forward_kwargs=dict(self.forward_kwargs), conditions=dict(self.conditions))
 
     def key(self) -> Dict[str, Any]:
         d = self.describe()
@@ -210,13 +226,12 @@ class InputPlan:
 
 def usable_bands_for_any_band_model(mspec: ModalitySpec, data_bands: Sequence[str]) -> Tuple[List[str], List[str]]:
     """Data bands a wavelength-conditioned model can take (those with a catalogue wavelength), and the rest."""
-    from ..sensors import resolve_band
     ok, bad = [], []
     sensor = mspec.sensor if mspec.sensor not in ('any', '') else None
     for b in data_bands:
         try:
-            resolve_band(b, sensor)
-            ok.append(b)
+            band = resolve_band(b, sensor)
+            (ok if band.wavelength_um is not None else bad).append(b)
         except UnknownBandError:
             bad.append(b)
     return ok, bad
@@ -224,18 +239,20 @@ def usable_bands_for_any_band_model(mspec: ModalitySpec, data_bands: Sequence[st
 
 def check_missing_policy(spec: InputSpec, modality_map: Mapping[str, str], data_bands: Mapping[str, Sequence[str]],
                          missing: str, model_name: str) -> Dict[str, List[str]]:
-    """Bands each model modality needs that the data lacks; raises unless the policy allows it."""
+    """Bands each fed model modality needs that the data lacks; raises unless the policy allows it."""
     if missing not in MISSING_CHOICES:
         raise ValueError(f'missing_bands must be one of {MISSING_CHOICES}, got {missing!r}')
     absent = {}
-    for m in spec.modalities:
-        have = set(data_bands[modality_map[m.name]])
+    for name, dm in modality_map.items():
+        m = spec.modality(name)
+        have = set(data_bands[dm])
         lack = [b for b in m.bands if b not in have]
         if lack:
             absent[m.name] = lack
-    if not absent or spec.any_bands:
+    fixed = {k: v for k, v in absent.items() if not spec.modality(k).any_bands}
+    if not fixed:
         return absent
-    desc = '; '.join(f'{k}: {v}' for k, v in absent.items())
+    desc = '; '.join(f'{k}: {v}' for k, v in fixed.items())
     if missing == 'error':
         raise UnknownBandError(
             f'{model_name} needs bands the data lacks ({desc}); pass --missing-bands zeros to zero-fill them '
@@ -247,107 +264,145 @@ def check_missing_policy(spec: InputSpec, modality_map: Mapping[str, str], data_
     return absent
 
 
-def _target_size(spec: InputSpec, hw: Tuple[int, int], forced: Optional[int]) -> Tuple[Tuple[int, int], Optional[Tuple[int, int]]]:
+def _target_size(spec: InputSpec, fed: Sequence[str], hw: Tuple[int, int],
+                 forced: Optional[int]) -> Tuple[Tuple[int, int], Optional[Tuple[int, int]]]:
+    mods = [spec.modality(m) for m in fed]
     if forced:
         size = (int(forced), int(forced))
-    elif spec.fixed_size:
-        size = tuple(spec.image_size)
+    elif any(m.fixed_size for m in mods):
+        size = tuple(next(m for m in mods if m.fixed_size).image_size)
     else:
-        k = max(1, int(spec.size_multiple))
+        k = max(max(1, int(m.size_multiple)) for m in mods)
         size = tuple(int(-(-s // k) * k) for s in hw)
     return size, (None if tuple(size) == tuple(hw) else tuple(hw))
 
 
-def plan_inputs(model: nn.Module, data: Any, norm: str = 'model-native', missing_bands: str = 'error',
-                image_size: Optional[int] = None, model_name: str = '', dropped_model_bands=None) -> InputPlan:
+def plan_inputs(model: nn.Module, data: Any, norm: str = 'auto', missing_bands: str = 'error',
+                image_size: Optional[int] = None, model_name: str = '', dropped_model_bands=None,
+                data_modalities: Optional[Sequence[str]] = None, nan: str = 'drop',
+                forward_kwargs: Optional[Dict[str, Any]] = None) -> InputPlan:
     """Map ``data`` (a :class:`~eobackbones.data.ProbeData`) onto ``model``'s input spec and build the preprocessing.
+
+    Args:
+        model: a model built by ``create_model``.
+        data: the probe dataset.
+        norm: ``model-native`` (the weights' own normalisation; errors on a unit mismatch), ``dataset-zscore``
+            (per band, train-split statistics) or ``auto`` (model-native for every modality whose data unit matches
+            the spec's unit, dataset z-score for the others; the choice is recorded per modality).
+        missing_bands: see the module docstring.
+        image_size: resize to this size.
+        model_name: for messages.
+        dropped_model_bands: recorded as given (wavelength-conditioned models bound to the data's bands).
+        data_modalities: the data modalities to feed, in preference order (default: every one the data has); model
+            modalities left without data are absent and the model's missing-modality policy decides (error / zeros
+            / subset).
+        nan: the NaN rule (``drop`` samples were removed before; ``fill``: statistics over valid pixels, 0 after
+            normalisation; ``error``).
+        forward_kwargs: call arguments passed with every forward (recorded).
 
     Raises:
         NormalisationError: ``model-native`` when the data's unit differs from the weights' unit.
         UnknownBandError: bands missing under the chosen policy, or no data modality for a model modality.
+        MissingModalityError: absent modalities the model's policy does not accept.
     """
-    from ..transforms import for_model
     if norm not in NORM_CHOICES:
         raise ValueError(f'norm must be one of {NORM_CHOICES}, got {norm!r}')
     spec = model.input_spec
     if spec is None:
         raise InvalidInputError(f'{model_name}: the model has no input_spec; build it with eobackbones.create_model')
     name = model_name or type(model).__name__
-    avail = list(data.images)
+    avail = [m for m in (data_modalities if data_modalities is not None else data.images) if m in data.images]
     mmap = {}
     for m in spec.modalities:
         dm = data_modality_for(m, avail)
-        if dm is None:
-            raise UnknownBandError(
-                f'{name}: no data modality for model modality {m.name!r} (sensor {m.sensor}); data has {avail}')
-        mmap[m.name] = dm
+        if dm is not None:
+            mmap[m.name] = dm
+    absent = tuple(m for m in spec.modality_names if m not in mmap)
+    if not mmap:
+        raise UnknownBandError(f'{name}: no data modality for any of its modalities {list(spec.modality_names)}; '
+                               f'data has {avail}')
+    if absent and (spec.input_format == 'tensor' or spec.missing_modality == 'error'):
+        raise MissingModalityError(
+            f'{name} needs modalities {list(absent)} that the data ({avail}) does not provide, and its missing-modality '
+            f'policy is {spec.missing_modality!r}')
     src = {mm: tuple(data.bands[dm]) for mm, dm in mmap.items()}
-    absent = check_missing_policy(spec, mmap, data.bands, missing_bands, name)
-    filled = {} if spec.any_bands else absent
+    absent_bands = check_missing_policy(spec, mmap, data.bands, missing_bands, name)
+    filled = {k: v for k, v in absent_bands.items() if not spec.modality(k).any_bands}
 
-    if norm == 'model-native':
-        for m in spec.modalities:
-            unit = data.units.get(mmap[m.name], 'unknown')
-            if m.unit == 'unknown' or not m.normalization:
-                raise NormalisationError(
-                    f'--norm model-native is impossible for {name}: its input spec for {m.name} bands {list(m.bands)} '
-                    f'declares no normalisation (unit {m.unit!r}); use --norm dataset-zscore')
-            if unit != m.unit:
-                raise NormalisationError(
-                    f'--norm model-native is impossible for {name}: its weights expect {m.name} in unit {m.unit!r} '
-                    f'but {data.name} {mmap[m.name]} is {unit!r} and no published mapping exists; use --norm dataset-zscore')
-        pspec = spec
-        stats = {}
-    else:
-        train = data.indices('train')
+    train = data.indices('train')
+    pspec, stats, chosen = spec, {}, {}
+    for mm, dm in mmap.items():
+        m = spec.modality(mm)
+        unit = data.units.get(dm, 'unknown')
+        native_ok = bool(m.normalization) and m.unit != 'unknown' and unit == m.unit
+        if norm == 'model-native' and not native_ok:
+            why = (f'its input spec for {m.name} bands {list(m.bands)} declares no normalisation (unit {m.unit!r})'
+                   if not m.normalization or m.unit == 'unknown' else
+                   f'its weights expect {m.name} in unit {m.unit!r} but {data.name} {dm} is {unit!r} and no published '
+                   f'mapping exists')
+            raise NormalisationError(f'--norm model-native is impossible for {name}: {why}; use --norm auto or '
+                                     f'dataset-zscore')
+        if norm == 'model-native' or (norm == 'auto' and native_ok):
+            chosen[mm] = 'model-native'
+            continue
+        chosen[mm] = 'dataset-zscore'
         if len(train) == 0:
             raise InvalidInputError(f'{data.name}: dataset-zscore needs a train split, found none')
-        pspec, stats = spec, {}
-        for m in spec.modalities:
-            x = data.images[mmap[m.name]]
-            have = src[m.name]
-            mean, std = [], []
-            for b in m.bands:
-                if b in have:
-                    v = np.asarray(x[train, have.index(b)], dtype=np.float64)
-                    mu, sd = float(v.mean()), float(v.std())
-                    mean.append(mu)
-                    std.append(sd if sd > 0 else 1.0)
-                else:  # zero-filled after normalisation; placeholders never touch data
-                    mean.append(0.0)
-                    std.append(1.0)
-            stats[m.name] = dict(mean=mean, std=std)
-            pspec = pspec.replace_modality(m.name, normalization=({'op': 'meanstd', 'mean': mean, 'std': std},),
-                                           unit=data.units.get(mmap[m.name], 'unknown'))
-    prep = for_model(pspec, source_bands=dict(src) if spec.input_format == 'dict' else src[spec.modalities[0].name],
-                     missing_bands='zeros' if filled else 'error')
+        x = data.images[dm]
+        have = src[mm]
+        mean, std = [], []
+        for b in m.bands:
+            if b in have:
+                v = np.asarray(x[train, have.index(b)], dtype=np.float64)
+                mu, sd = float(np.nanmean(v)), float(np.nanstd(v))
+                mean.append(mu)
+                std.append(sd if sd > 0 else 1.0)
+            else:  # zero-filled after normalisation; placeholders never touch data
+                mean.append(0.0)
+                std.append(1.0)
+        stats[mm] = dict(mean=mean, std=std)
+        pspec = pspec.replace_modality(mm, normalization=({'op': 'meanstd', 'mean': mean, 'std': std},), unit=unit)
+    fed_spec = dataclasses.replace(pspec, modalities=tuple(pspec.modality(mm) for mm in mmap)) \
+        if spec.input_format == 'dict' else pspec
+    prep = for_model(fed_spec, source_bands=dict(src) if spec.input_format == 'dict' else src[spec.modalities[0].name],
+                     missing_bands='zeros' if filled else 'error', nan='fill' if nan == 'fill' else 'error')
     hw = tuple(next(iter(data.images.values())).shape[-2:])
-    size, resized_from = _target_size(spec, hw, image_size)
+    size, resized_from = _target_size(spec, list(mmap), hw, image_size)
     unused = {mm: [b for b in src[mm] if b not in spec.modality(mm).bands] for mm in mmap}
+    conds = {c.name: c.name for c in spec.conditions if c.name in getattr(data, 'conditions', {})}
+    missing_conds = [c.name for c in spec.conditions if c.required and c.name not in conds]
+    if missing_conds:
+        raise MissingModalityError(f'{name} needs conditioning inputs {missing_conds} that {data.name} does not provide')
+    kinds = set(chosen.values())
     return InputPlan(
         spec=pspec, modality_map=mmap, source_bands=src,
-        model_bands={m.name: tuple(m.bands) for m in spec.modalities}, filled_bands=filled,
+        model_bands={mm: tuple(spec.modality(mm).bands) for mm in mmap}, filled_bands=filled,
         dropped_model_bands=dict(dropped_model_bands or {}), unused_data_bands={k: v for k, v in unused.items() if v},
-        norm=norm, missing_bands=missing_bands, image_size=size, resized_from=resized_from,
-        zscore_stats=stats, preprocess=prep)
+        norm=kinds.pop() if len(kinds) == 1 else 'mixed', missing_bands=missing_bands, image_size=size,
+        resized_from=resized_from, zscore_stats=stats, preprocess=prep, norm_by_modality=chosen, absent=absent,
+        forward_kwargs=dict(forward_kwargs or {}), conditions=conds)
 
 
 # ----------------------------------------------------------------------------------------------- extraction
 
 
-def stride16_index(model: nn.Module) -> int:
-    """Index into ``feature_info`` of the last stride-16 map (the segmentation probe's input)."""
+def seg_feature_index(model: nn.Module) -> int:
+    """Index into ``feature_info`` of the map the segmentation probe uses: the cfg's ``seg_feature_index`` when the
+    family states one (e.g. a diffusion decoder level), else the last map at reduction 16, else the closest to 16."""
     info = getattr(model, 'feature_info', None)
     if not info:
-        raise InvalidInputError(f'{type(model).__name__} has no feature_info; the segmentation probe needs stride-16 maps')
-    idx = [i for i, f in enumerate(info) if int(f['reduction']) == 16]
-    if not idx:
-        raise InvalidInputError(f'{type(model).__name__} has no stride-16 feature map (reductions {[f["reduction"] for f in info]})')
-    return idx[-1]
+        raise InvalidInputError(f'{type(model).__name__} has no feature_info; the segmentation probe needs feature maps')
+    cfg = getattr(model, 'pretrained_cfg', None)
+    if cfg is not None and cfg.seg_feature_index is not None:
+        return int(cfg.seg_feature_index) % len(info)
+    red = [float(f['reduction']) for f in info]
+    exact = [i for i, r in enumerate(red) if r == 16]
+    return exact[-1] if exact else min(range(len(red)), key=lambda i: (abs(np.log2(red[i] / 16)), -i))
 
 
-def _as_input(plan: InputPlan, images: Mapping[str, np.ndarray], rows: np.ndarray, device: torch.device):
-    batch = {mm: torch.from_numpy(np.ascontiguousarray(images[dm][rows])).to(device, non_blocking=True)
+def _as_input(plan: InputPlan, data: Any, rows: np.ndarray, device: torch.device):
+    """A batch: preprocessed, resized images (dict or tensor) and the forward keyword arguments."""
+    batch = {mm: torch.from_numpy(np.ascontiguousarray(data.images[dm][rows])).to(device, non_blocking=True)
              for mm, dm in plan.modality_map.items()}
     x = plan.preprocess(batch if plan.spec.input_format == 'dict' else batch[plan.spec.modalities[0].name])
 
@@ -355,18 +410,23 @@ def _as_input(plan: InputPlan, images: Mapping[str, np.ndarray], rows: np.ndarra
         if tuple(t.shape[-2:]) == tuple(plan.image_size):
             return t
         return F.interpolate(t, size=plan.image_size, mode='bilinear', align_corners=False)
-    return {k: resize(v) for k, v in x.items()} if isinstance(x, dict) else resize(x)
+    x = {k: resize(v) for k, v in x.items()} if isinstance(x, dict) else resize(x)
+    kwargs = dict(plan.forward_kwargs)
+    if plan.conditions:
+        raw = {c: torch.from_numpy(np.asarray(data.conditions[k][rows], dtype=np.float32)) for c, k in plan.conditions.items()}
+        kwargs.update({k: v.to(device) for k, v in plan.preprocess.conditions(**raw).items()})
+    return x, kwargs
 
 
-def _forward(model: nn.Module, x: Any, kind: str, map_index: Optional[int]) -> torch.Tensor:
+def _forward(model: nn.Module, x: Any, kwargs: Dict[str, Any], kind: str, map_index: Optional[int]) -> torch.Tensor:
     if kind == 'pooled':
-        return model.forward_head(model.forward_features(x), pre_logits=True)
-    return model.forward_intermediates(x, indices=[map_index], intermediates_only=True)[0]
+        return model.forward_head(model.forward_features(x, **kwargs), pre_logits=True)
+    return model.forward_intermediates(x, indices=[map_index], stop_early=True, intermediates_only=True, **kwargs)[0]
 
 
 @torch.no_grad()
-def _extract_local(model, plan, images, rows, kind, batch_size, device, amp, progress, desc) -> torch.Tensor:
-    map_index = stride16_index(model) if kind == 'map' else None
+def _extract_local(model, plan, data, rows, kind, batch_size, device, amp, progress, desc) -> torch.Tensor:
+    map_index = seg_feature_index(model) if kind == 'map' else None
     outs = []
     starts = range(0, len(rows), batch_size)
     bar = None
@@ -379,9 +439,9 @@ def _extract_local(model, plan, images, rows, kind, batch_size, device, amp, pro
     ctx = (lambda: torch.autocast(device_type=device.type, dtype=amp)) if amp is not None else contextlib.nullcontext
     for s in starts:
         r = rows[s:s + batch_size]
-        x = _as_input(plan, images, r, device)
+        x, kwargs = _as_input(plan, data, r, device)
         with ctx():
-            y = _forward(model, x, kind, map_index)
+            y = _forward(model, x, kwargs, kind, map_index)
         outs.append(y.float().cpu())
         if bar is not None:
             bar.update(len(r))
@@ -396,7 +456,6 @@ def feature_cache_dir(cache_dir: Optional[str] = None) -> Path:
     """``--cache-dir`` or ``EOBACKBONES_HOME/features``."""
     if cache_dir:
         return Path(os.path.expanduser(cache_dir))
-    from ..hub.download import cache_home
     return cache_home() / 'features'
 
 
@@ -472,7 +531,6 @@ def extract_features(
     stats = stats if stats is not None else {}
     path = None
     if cache is not None:
-        from .. import __version__
         key = dict(cache['key'], kind=kind, rows_fp=data_fingerprint(data, rows), plan=plan.key(),
                    amp=str(amp), eobackbones=__version__)
         digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:40]
@@ -490,7 +548,7 @@ def extract_features(
     model.eval()
     t0 = time.perf_counter()
     share = np.array_split(rows, world)[rank] if world > 1 else rows
-    local = _extract_local(model, plan, data.images, share, kind, batch_size, device, amp,
+    local = _extract_local(model, plan, data, share, kind, batch_size, device, amp,
                            progress and rank == 0, desc)
     if world > 1:
         feats = _gather_rows(local, device)

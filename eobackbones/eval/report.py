@@ -38,7 +38,9 @@ def _label(multilabel: bool, m: str) -> str:
 def _group_rows(rows: Sequence[Dict[str, Any]]) -> 'OrderedDict[tuple, List[Dict[str, Any]]]':
     groups: 'OrderedDict[tuple, List[Dict[str, Any]]]' = OrderedDict()
     for r in rows:
-        groups.setdefault((r['model'], r['row'], r['weights'], r['classifier'], r['label_fraction']), []).append(r)
+        key = (r['model'], r['row'], r['weights'], r.get('modalities', ''), r.get('band_set', 'all'), r['classifier'],
+               r['label_fraction'])
+        groups.setdefault(key, []).append(r)
     return groups
 
 
@@ -57,15 +59,25 @@ def to_markdown(result: Dict[str, Any]) -> str:
     lines.append(f"samples train/val/test: {ds['n']['train']}/{ds['n']['val']}/{ds['n']['test']}; "
                  f"NaN policy `{st['nan']}` ({ds.get('nan_summary', 'no NaN samples')}); "
                  f"unreadable files: {len(ds.get('unreadable', []))}")
-    lines.append(f"norm `{st['norm']}`, missing bands `{st['missing_bands']}`, device {st['device']}, "
-                 f"autocast {st['amp']}, world size {st['world_size']}, kNN k={st['knn_k']} cosine, "
-                 f"logreg L2 swept on val then refit on train+val; label fractions subsample train and val")
+    proto = st.get('protocol', 'eobackbones')
+    clf = ('kNN k=5 Euclidean on train, logreg C swept on val (raw features) then refit on train+val'
+           if proto == 'torchgeo-bench' else
+           f"kNN k={st['knn_k']} cosine, logreg L2 swept on val then refit on train+val")
+    lines.append(f"protocol `{proto}`, norm `{st['norm']}`, missing bands `{st['missing_bands']}`, device "
+                 f"{st['device']}, autocast {st['amp']}, world size {st['world_size']}, {clf}; label fractions "
+                 f"subsample train and val")
     lines.append('')
     head = ['model', 'row', 'classifier', 'labels', 'n train', 'runs'] + [_label(multilabel, m) for m in metrics]
     lines.append('| ' + ' | '.join(head) + ' |')
     lines.append('|' + '|'.join(['---'] * 4 + ['---:'] * (len(head) - 4)) + '|')
-    for (model, row, weights, clf, frac), rs in _group_rows(result['rows']).items():
-        cells = [model, f'{row} ({weights})' if weights not in ('-', '') else row, clf, f'{frac:.0%}',
+    subsets = len({r.get('modalities', '') for r in result['rows'] if r['row'] != 'baseline'}) > 1
+    for (model, row, weights, mods, band_set, clf, frac), rs in _group_rows(result['rows']).items():
+        label = f'{row} ({weights})' if weights not in ('-', '') else row
+        if subsets and row != 'baseline':
+            label += f' [{mods}]'
+        if band_set != 'all':
+            label += f' {{{band_set}}}'
+        cells = [model, label, clf, f'{frac:.0%}',
                  str(int(round(np.mean([r['n_train'] for r in rs])))), str(len(rs))]
         for m in metrics:
             vals = np.array([r.get(m, float('nan')) for r in rs], dtype=float)
@@ -79,7 +91,8 @@ def to_markdown(result: Dict[str, Any]) -> str:
     notes = list(result.get('notes', []))
     for m in result.get('models', []):
         if m.get('status') != 'ok':
-            notes.append(f"{m['model']} {m['row']} row absent: {m['reason']}")
+            sub = f" [{m['modalities']}]" if m.get('modalities', 'all') != 'all' else ''
+            notes.append(f"{m['model']} {m['row']}{sub} row absent: {m['reason']}")
     for m in result.get('models', []):
         if m.get('status') == 'ok' and m.get('plan'):
             p = m['plan']

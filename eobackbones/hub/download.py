@@ -1,104 +1,105 @@
-"""Weights loader: pinned Hub download -> verification -> conversion -> safetensors cache.
+"""Getting weight files: pinned Hub downloads, checksums of every file we read, safe checkpoint reading.
 
-Cache layout (``EOBACKBONES_HOME``, default ``$HF_HOME/eobackbones``)::
-
-    converted/<arch>/<tag>-<digest16>.safetensors   upstream torch checkpoints, converted once
-    verified/<digest>.json                           marks a Hub safetensors file as hash-checked
-    manual/<arch>.<tag>/                             weights published outside the Hub, installed by
-                                                     ``eobackbones convert`` (save_pretrained layout)
-
-Original files stay in the Hugging Face cache (``HF_HUB_CACHE``), managed by ``huggingface_hub``.
-Every write goes to a temporary file in the same directory and is renamed into place under a file
-lock, so concurrent processes see either nothing or a complete file.
+* :func:`download_source`: ``hf_hub_download`` at the manifest's pinned commit, then size + sha256 (or the
+  published prefix); a mismatching file is removed from the cache.
+* :func:`read_safetensors`: reads a safetensors file after checking it against the sha256 recorded when it was
+  written (converted cache entries, ``save_pretrained`` weights); a damaged file fails with one line naming it.
+  Hashing costs about 0.3 s per 400 MB; it is done once per process per file (keyed by size and mtime).
+* :func:`read_torch_checkpoint`: ``torch.load(weights_only=True)``: tensors and plain containers only, plus an
+  explicit allow-list of harmless classes a family may pass (e.g. ``argparse.Namespace``); never arbitrary pickles.
+* Unreachable endpoint: probed once per process with a short TCP connect, so a machine without network fails
+  in about a second with the same message as offline mode instead of ~30 s of retries.
 """
-import hashlib
 import json
 import logging
 import os
 import pickle
-import zipfile
+import re
+import socket
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Iterable, Optional, Tuple
+from urllib.parse import urlparse
 
 import torch
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import (
+    EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError)
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
-from ..errors import ChecksumMismatchError, CheckpointFormatError, WeightsNotFoundError
-from ..models._pretrained import HubSource, ManualSource, PretrainedCfg
+from .. import env
+from .._io import atomic_path, atomic_write_text, sha256_file
+from ..cfg import HubSource, ManualSource, PretrainedCfg
+from ..errors import ChecksumMismatchError, CheckpointFormatError, WeightsNotFoundError, first_line
+from ..version import __version__
 
 __all__ = [
-    'cache_home', 'is_offline', 'hub_file', 'download_source', 'sha256_file', 'verify_file',
-    'converted_path', 'manual_dir', 'load_pretrained_state_dict', 'prefetch', 'verify_cached', 'read_torch_checkpoint',
+    'hub_file', 'download_source', 'verify_file', 'manual_dir', 'manual_message', 'read_torch_checkpoint',
+    'read_safetensors', 'write_safetensors', 'record_sha256', 'recorded_sha256', 'check_recorded', 'endpoint_reachable',
 ]
 
 _logger = logging.getLogger(__name__)
-_TRUE = {'1', 'true', 'yes', 'on'}
+_REACHABLE: Dict[str, bool] = {}
+_VERIFIED: Dict[Tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256, this process
 
 
-def _env_true(name: str) -> bool:
-    return os.environ.get(name, '').strip().lower() in _TRUE
+# ----------------------------------------------------------------------------------------------- network
 
 
-def is_offline() -> bool:
-    """Read at call time, so a process can switch modes (tests, notebooks)."""
-    return _env_true('HF_HUB_OFFLINE') or _env_true('EOBACKBONES_OFFLINE')
-
-
-def _hf_home() -> Path:
-    return Path(os.path.expanduser(os.environ.get('HF_HOME') or '~/.cache/huggingface'))
-
-
-def _hf_cache() -> Path:
-    env = os.environ.get('HF_HUB_CACHE')
-    return Path(os.path.expanduser(env)) if env else _hf_home() / 'hub'
-
-
-def cache_home() -> Path:
-    env = os.environ.get('EOBACKBONES_HOME')
-    return Path(os.path.expanduser(env)) if env else _hf_home() / 'eobackbones'
+def endpoint_reachable(endpoint: Optional[str] = None, timeout: float = 1.5) -> bool:
+    """Can a TCP connection to the Hub endpoint (or the proxy in front of it) be opened? Probed once per process."""
+    endpoint = endpoint or env.hub_endpoint()
+    if endpoint in _REACHABLE:
+        return _REACHABLE[endpoint]
+    url = urlparse(endpoint)
+    proxy = os.environ.get(f'{url.scheme}_proxy') or os.environ.get(f'{url.scheme.upper()}_PROXY')
+    no_proxy = os.environ.get('no_proxy') or os.environ.get('NO_PROXY') or ''
+    if proxy and not any(url.hostname and url.hostname.endswith(h.strip()) for h in no_proxy.split(',') if h.strip()):
+        url = urlparse(proxy if '://' in proxy else f'http://{proxy}')
+    port = url.port or (443 if url.scheme == 'https' else 80)
+    try:
+        with socket.create_connection((url.hostname, port), timeout=timeout):
+            ok = True
+    except OSError:
+        ok = False
+    _REACHABLE[endpoint] = ok
+    if not ok:
+        _logger.warning('%s is unreachable; using the local cache only for this process', endpoint)
+    return ok
 
 
 def _download(repo: str, filename: str, revision: Optional[str], what: str) -> Path:
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import (
-        EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError)
-    from .. import __version__
-    offline = is_offline()
+    offline = env.is_offline()
+    unreachable = not offline and not endpoint_reachable()
     where = f'{repo}@{revision or "main"} file {filename}'
     try:
         path = hf_hub_download(
-            repo, filename, revision=revision, cache_dir=str(_hf_cache()), local_files_only=offline,
+            repo, filename, revision=revision, cache_dir=str(env.hf_hub_cache()), local_files_only=offline or unreachable,
             endpoint=os.environ.get('HF_ENDPOINT') or None, library_name='eobackbones', library_version=__version__)
     except RepositoryNotFoundError:
         raise WeightsNotFoundError(f'{what}: repository {repo} not found on the Hub (or it is private)') from None
     except RevisionNotFoundError:
         raise WeightsNotFoundError(f'{what}: revision {revision} not found in {repo}') from None
     except LocalEntryNotFoundError:
-        reason = 'offline mode is on (HF_HUB_OFFLINE / EOBACKBONES_OFFLINE)' if offline else 'the Hub is unreachable'
+        reason = ('offline mode is on (HF_HUB_OFFLINE / EOBACKBONES_OFFLINE)' if offline else
+                  f'the Hub ({env.hub_endpoint()}) is unreachable')
         raise WeightsNotFoundError(
             f'{what}: {where} is not in the local cache and {reason}; '
-            f'prefetch it on a connected machine with `eobackbones download {what}` and copy {_hf_cache()}') from None
+            f'prefetch it on a connected machine with `eobackbones download {what}` and copy {env.hf_hub_cache()}') from None
     except EntryNotFoundError:
         raise WeightsNotFoundError(f'{what}: {where} does not exist on the Hub') from None
     except Exception as e:  # interrupted transfer (httpx), consistency check, other HTTP errors
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise WeightsNotFoundError(f'{what}: download of {where} failed ({first}); run the same command again to resume') from None
+        raise WeightsNotFoundError(
+            f'{what}: download of {where} failed ({first_line(e)}); run the same command again to resume') from None
     return Path(path)
 
 
 def hub_file(repo: str, filename: str, revision: Optional[str] = None) -> Path:
     """One file of a Hub repository (used for ``hf-hub:`` model directories)."""
-    return _download(repo, filename, revision, f'hf-hub:{repo}')
+    return _download(repo, filename, revision, f'hf-hub:{repo}' + (f'@{revision}' if revision else ''))
 
 
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
+# ----------------------------------------------------------------------------------------------- verification
 
 
 def verify_file(path: Path, src: HubSource, what: str) -> str:
@@ -121,25 +122,22 @@ def _drop_from_hf_cache(path: Path) -> None:
     """Remove a snapshot entry and the blob it points to (a corrupt file must not stay cached)."""
     blob = path.resolve()
     for p in (path, blob):
-        try:
-            p.unlink()
-        except FileNotFoundError:
-            pass
+        p.unlink(missing_ok=True)
 
 
-def _marker(digest: str) -> Path:
-    return cache_home() / 'verified' / f'{digest}.json'
+def _stamp(path: Path) -> Dict[str, Any]:
+    st = path.resolve().stat()
+    return {'path': str(path.resolve()), 'size': st.st_size, 'mtime_ns': st.st_mtime_ns}
 
 
 def download_source(cfg: PretrainedCfg, force_verify: bool = False) -> Path:
-    """Download (or find in the cache) the source file of ``cfg`` and verify it."""
+    """Download (or find in the cache) the source file of ``cfg`` and verify it (once per file version)."""
     src = cfg.source
-    if isinstance(src, ManualSource) or src is None:
-        raise WeightsNotFoundError(_manual_message(cfg))
+    if not isinstance(src, HubSource):
+        raise WeightsNotFoundError(manual_message(cfg))
     path = _download(src.hf_repo, src.filename, src.revision, cfg.name)
-    marker = _marker(src.digest)
-    stat = path.resolve().stat()
-    stamp = {'path': str(path.resolve()), 'size': stat.st_size, 'mtime_ns': stat.st_mtime_ns}
+    marker = env.cache_home() / 'verified' / f'{src.digest}.json'
+    stamp = _stamp(path)
     if not force_verify and marker.is_file():
         try:
             if json.loads(marker.read_text()).get('stamp') == stamp:
@@ -151,16 +149,16 @@ def download_source(cfg: PretrainedCfg, force_verify: bool = False) -> Path:
     except ChecksumMismatchError as e:
         _drop_from_hf_cache(path)
         raise ChecksumMismatchError(f'{e}; the file was removed from the cache') from None
-    _atomic_write_text(marker, json.dumps({'sha256': digest, 'stamp': stamp}))
+    atomic_write_text(marker, json.dumps({'sha256': digest, 'stamp': stamp}))
     return path
 
 
 def manual_dir(cfg: PretrainedCfg) -> Path:
     """Where ``eobackbones convert`` installs weights that are published outside the Hub."""
-    return cache_home() / 'manual' / cfg.name
+    return env.cache_home() / 'manual' / cfg.name
 
 
-def _manual_message(cfg: PretrainedCfg) -> str:
+def manual_message(cfg: PretrainedCfg) -> str:
     src = cfg.source
     where = src.manual if isinstance(src, ManualSource) else 'no source'
     family = (cfg.converter or '').split('.')[0] or '<family>'
@@ -168,120 +166,97 @@ def _manual_message(cfg: PretrainedCfg) -> str:
             f'`eobackbones convert {family} --checkpoint FILE` (installs them into {manual_dir(cfg).parent})')
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
-    tmp.write_text(text, encoding='utf-8')
-    os.replace(tmp, path)
+# ----------------------------------------------------------------------------------------------- files we write
 
 
-def converted_path(cfg: PretrainedCfg) -> Path:
-    return cache_home() / 'converted' / cfg.architecture / f'{cfg.tag}-{cfg.source.digest[:16]}.safetensors'
+def _record_path(path: Path) -> Path:
+    return path.with_name(path.name + '.sha256')
 
 
-def read_torch_checkpoint(path: Path, what: str) -> Any:
-    """``torch.load(weights_only=True)``: tensors and plain containers only, never arbitrary pickles."""
-    try:
-        return torch.load(str(path), map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0]
-        raise CheckpointFormatError(
-            f'{what}: refused to load {path.name}: it contains pickled objects other than tensors '
-            f'(weights_only load: {first})') from None
-    except (RuntimeError, zipfile.BadZipFile, EOFError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointFormatError(f'{what}: {path.name} is not a readable torch checkpoint ({first})') from None
+def record_sha256(path: Path, digest: Optional[str] = None) -> str:
+    """Write ``<file>.sha256`` next to a file we wrote (converted cache entries)."""
+    digest = digest or sha256_file(path)
+    atomic_write_text(_record_path(path), f'{digest}  {path.name}\n')
+    return digest
 
 
-def _save_safetensors(state_dict: Dict[str, torch.Tensor], path: Path, metadata: Dict[str, str]) -> None:
-    from safetensors.torch import save_file
+def recorded_sha256(path: Path) -> Optional[str]:
+    rec = _record_path(path)
+    if not rec.is_file():
+        return None
+    return rec.read_text(encoding='utf-8').split()[0] if rec.read_text(encoding='utf-8').strip() else None
+
+
+def check_recorded(path: Path, expected: Optional[str], what: str, fix: str, force: bool = False) -> str:
+    """Verify ``path`` against ``expected`` (its recorded sha256), once per process per file version.
+
+    Raises:
+        ChecksumMismatchError: the file was changed or damaged after it was written (names file and fix).
+    """
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if not force and key in _VERIFIED and (expected is None or _VERIFIED[key] == expected):
+        return _VERIFIED[key]
+    digest = sha256_file(path)
+    if expected is not None and digest != expected:
+        raise ChecksumMismatchError(
+            f'{what}: {path} is damaged or was replaced (sha256 {digest[:16]}... but {expected[:16]}... was recorded '
+            f'when it was written); {fix}')
+    _VERIFIED[key] = digest
+    return digest
+
+
+def write_safetensors(state_dict: Dict[str, torch.Tensor], path: Path, metadata: Dict[str, str]) -> str:
+    """Write atomically (shared storage cloned, as safetensors requires); returns the file's sha256."""
     seen, out = set(), {}
     for k, v in state_dict.items():
         v = v.detach().contiguous()
         if v.data_ptr() in seen and v.numel():
-            v = v.clone()  # safetensors refuses shared storage
+            v = v.clone()
         seen.add(v.data_ptr())
         out[k] = v
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
-    try:
+    with atomic_path(path) as tmp:
         save_file(out, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+        digest = sha256_file(tmp)
+    return digest
 
 
-def _convert_to_cache(cfg: PretrainedCfg) -> Path:
-    from filelock import FileLock
-    from ..models._builder import get_converter
-    out = converted_path(cfg)
-    if out.is_file():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(out) + '.lock'):
-        if out.is_file():  # another process finished it while we waited
-            return out
-        src_path = download_source(cfg)
-        conv = get_converter(cfg.converter)
-        if cfg.format == 'torch':
-            raw = read_torch_checkpoint(src_path, cfg.name)
-        else:  # upstream safetensors in upstream key names
-            from safetensors.torch import load_file
-            raw = load_file(str(src_path))
-        state_dict = conv.fn(raw, cfg)
-        bad = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
-        if bad:
-            raise CheckpointFormatError(f'{cfg.name}: converter {cfg.converter} left non-tensor entries: {bad[:5]}')
-        _save_safetensors(state_dict, out, {
-            'eobackbones': 'converted', 'name': cfg.name, 'converter': cfg.converter,
-            'source': cfg.source.describe(), 'source_sha256': cfg.source.digest})
-    return out
+def read_safetensors(path: Path, what: str, expected_sha256: Optional[str] = None,
+                     fix: str = 'delete it and load again') -> Dict[str, torch.Tensor]:
+    """Load a safetensors file, checking ``expected_sha256`` first when it is known.
 
-
-def prefetch(cfg: PretrainedCfg) -> Path:
-    """Make ``cfg``'s weights available offline; returns the file the loader will read."""
-    if cfg.converter:  # torch checkpoints always, safetensors in upstream key names too
-        return _convert_to_cache(cfg)
-    return download_source(cfg)
-
-
-def load_pretrained_state_dict(cfg: PretrainedCfg) -> Tuple[Dict[str, torch.Tensor], Tuple[str, ...]]:
-    """The state dict of ``cfg`` in our keys, plus the key patterns the converter allows to be missing."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-    from ..models._builder import get_converter
-    if cfg is None or not cfg.has_source:
-        raise WeightsNotFoundError(f'{cfg.name if cfg else "model"}: no weights source in the manifest')
-    if not cfg.has_weights:
-        path = manual_dir(cfg) / 'model.safetensors'  # installed by `eobackbones convert`, already our keys
-        if not path.is_file():
-            raise WeightsNotFoundError(_manual_message(cfg))
-        allow: Tuple[str, ...] = ()
-    else:
-        path = prefetch(cfg)
-        allow = get_converter(cfg.converter).allow_missing if cfg.converter else ()
+    Raises:
+        ChecksumMismatchError: the bytes differ from what was recorded.
+        CheckpointFormatError: the file is not readable as safetensors (one line with the path).
+    """
+    if expected_sha256 is not None:
+        check_recorded(path, expected_sha256, what, fix)
     try:
-        return load_file(str(path)), allow
-    except (SafetensorError, OSError) as e:
-        raise CheckpointFormatError(f'{cfg.name}: cached weights {path} are unreadable ({e}); '
-                                    f'delete the file and load again') from None
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointFormatError(f'{what}: {path} is not a readable safetensors file ({first_line(e)}); {fix}') from None
 
 
-def verify_cached(cfg: PretrainedCfg) -> Tuple[str, str]:
-    """Re-hash the cached source file of ``cfg`` (never downloads). Returns (status, detail)."""
-    from huggingface_hub import try_to_load_from_cache
-    src = cfg.source
-    if not isinstance(src, HubSource):
-        installed = manual_dir(cfg) / 'model.safetensors'
-        return ('ok', f'installed {installed}') if installed.is_file() else ('manual', _manual_message(cfg))
-    cached = try_to_load_from_cache(src.hf_repo, src.filename, cache_dir=str(_hf_cache()), revision=src.revision)
-    conv = converted_path(cfg) if cfg.converter else None
-    if not isinstance(cached, str):
-        if conv is not None and conv.is_file():
-            return 'ok', f'converted {conv} (source file no longer cached)'
-        return 'missing', f'{src.describe()} not cached'
+# ----------------------------------------------------------------------------------------------- upstream checkpoints
+
+
+def read_torch_checkpoint(path: Path, what: str, safe_globals: Iterable[Any] = ()) -> Any:
+    """``torch.load(weights_only=True)``: tensors and plain containers only (plus ``safe_globals``).
+
+    Raises:
+        CheckpointFormatError: the file holds other pickled objects, or is not a torch checkpoint at all.
+    """
+    path = Path(path)
     try:
-        digest = verify_file(Path(cached), src, cfg.name)
-    except ChecksumMismatchError as e:
-        return 'corrupt', str(e)
-    return 'ok', f'sha256 {digest[:16]}... {cached}'
+        with torch.serialization.safe_globals(list(safe_globals)):
+            return torch.load(str(path), map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r'Unsupported global: GLOBAL ([\w.]+)', str(e))
+        if found:
+            raise CheckpointFormatError(
+                f'{what}: refused to load {path.name}: it contains pickled objects other than tensors '
+                f'({found.group(1)}), which could run code; only tensors and plain containers are read') from None
+        raise CheckpointFormatError(f'{what}: {path.name} is not a torch checkpoint (its bytes do not unpickle)') from None
+    except Exception as e:  # torch raises KeyError / RuntimeError / BadZipFile / EOFError ... on foreign files
+        raise CheckpointFormatError(
+            f'{what}: {path.name} is not a readable torch checkpoint ({type(e).__name__}: {first_line(e)})') from None

@@ -1,4 +1,4 @@
 """Shared building blocks, one concept per file, re-exported flat (as ``timm.layers``)."""
 from .pos_embed import grid_of, resample_abs_pos_embed, sincos_1d, sincos_2d_pos_embed
 from .wavelength_embed import (
-    DynamicPatchEmbed, KernelLayout, ResidualMlp, WavelengthWeightGenerator, compute_dtype)
+    DynamicPatchEmbed, KernelLayout, ResidualMlp, WavelengthHypernetwork, WavelengthWeightGenerator, compute_dtype)

@@ -16,7 +16,8 @@ from torch import nn
 
 from .pos_embed import sincos_1d
 
-__all__ = ['ResidualMlp', 'WavelengthWeightGenerator', 'DynamicPatchEmbed', 'KernelLayout', 'compute_dtype']
+__all__ = ['ResidualMlp', 'WavelengthWeightGenerator', 'WavelengthHypernetwork', 'DynamicPatchEmbed', 'KernelLayout',
+           'compute_dtype']
 
 KernelLayout = Literal['permute', 'legacy']
 
@@ -101,7 +102,49 @@ class WavelengthWeightGenerator(nn.Module):
         return weights, bias
 
 
-class DynamicPatchEmbed(nn.Module):
+class WavelengthHypernetwork(nn.Module):
+    """Wavelengths (micrometres) -> generated weights: ``sincos(nm) -> fclayer -> weight_generator``.
+
+    The one generation path of DOFA's patch embedding and of the MAE decoder's reconstruction head (subclasses
+    keep the parameter names ``fclayer.*`` / ``weight_generator.*`` of the DOFA checkpoints). It always runs in
+    its parameters' dtype (float32) with autocast disabled: the generated weights must not depend on the
+    autocast state of the caller.
+
+    Args:
+        dynamic_embed_dim: width of the wavelength tokens (DOFA: 128).
+        weight_dim: generated values per wavelength.
+        bias_dim: width of the generated bias (None: no bias token).
+    """
+    keep_fp32 = True  # stays float32 under eobackbones.optimize_for_inference
+
+    def __init__(self, dynamic_embed_dim: int = 128, weight_dim: int = 16 * 16 * 768, bias_dim: Optional[int] = 768,
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        dd = dict(device=device, dtype=dtype)
+        self.dynamic_embed_dim = dynamic_embed_dim
+        self.weight_generator = WavelengthWeightGenerator(dynamic_embed_dim, weight_dim, bias_dim, **dd)
+        self.fclayer = ResidualMlp(dynamic_embed_dim, **dd)
+
+    def init_hypernetwork(self) -> None:
+        """DOFA's init: xavier-uniform weights and 0.01 biases for every linear layer; tokens N(0, 0.02)."""
+        for m in list(self.weight_generator.modules()) + list(self.fclayer.modules()):
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.constant_(m.bias, 0.01)
+        self.weight_generator.init_weights()
+
+    def generate_weights(self, wavelengths_um: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(C,) wavelengths in micrometres -> ((C, weight_dim) weights, (bias_dim,) bias or None), parameters' dtype."""
+        p = self.fclayer.w1.weight
+        # fp32 hypernetwork under autocast; devices without autocast (meta: shape-only builds) need no guard
+        no_autocast = (torch.autocast(device_type=p.device.type, enabled=False)
+                       if torch.amp.is_autocast_available(p.device.type) else contextlib.nullcontext())
+        with no_autocast:
+            waves = sincos_1d(wavelengths_um.to(device=p.device, dtype=torch.float32) * 1000, self.dynamic_embed_dim)
+            return self.weight_generator(self.fclayer(waves.to(p.dtype)))
+
+
+class DynamicPatchEmbed(WavelengthHypernetwork):
     """Patch embedding whose kernel is generated from the channels' wavelengths.
 
     ``conv2d(x, kernel, bias, stride=k, padding=1)``: the padding of 1 with stride ``k`` is DOFA's
@@ -121,8 +164,6 @@ class DynamicPatchEmbed(nn.Module):
         scaler: factor on kernel and bias (DOFA: 0.01).
         cache_size: number of cached kernels in eval mode.
     """
-    keep_fp32 = True  # the hypernetwork stays float32 under eobackbones.optimize_for_inference
-
     def __init__(
             self,
             dynamic_embed_dim: int = 128,
@@ -134,29 +175,19 @@ class DynamicPatchEmbed(nn.Module):
             device=None,
             dtype=None,
     ) -> None:
-        super().__init__()
         if kernel_layout not in ('permute', 'legacy'):
             raise ValueError(f'kernel_layout must be "permute" or "legacy", got {kernel_layout!r}')
-        dd = dict(device=device, dtype=dtype)
-        self.dynamic_embed_dim = dynamic_embed_dim
+        super().__init__(dynamic_embed_dim, patch_size * patch_size * embed_dim, embed_dim, device=device, dtype=dtype)
         self.patch_size = patch_size
         self.embed_dim = embed_dim
         self.kernel_layout = kernel_layout
         self.scaler = scaler
         self.cache_size = cache_size
-        self.weight_generator = WavelengthWeightGenerator(
-            dynamic_embed_dim, patch_size * patch_size * embed_dim, embed_dim, **dd)
-        self.fclayer = ResidualMlp(dynamic_embed_dim, **dd)
         self.init_weights()
         self._cache: 'OrderedDict[tuple, Tuple[torch.Tensor, torch.Tensor]]' = OrderedDict()
 
     def init_weights(self) -> None:
-        """DOFA's init: xavier-uniform weights and 0.01 biases for every linear layer; tokens N(0, 0.02)."""
-        for m in list(self.weight_generator.modules()) + list(self.fclayer.modules()):
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.constant_(m.bias, 0.01)
-        self.weight_generator.init_weights()
+        self.init_hypernetwork()
 
     def clear_cache(self) -> None:
         self._cache.clear()
@@ -168,20 +199,13 @@ class DynamicPatchEmbed(nn.Module):
     def generate(self, wavelengths_um: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Kernel (D, C, k, k) and bias (D,) for wavelengths in micrometres, in the parameters' dtype."""
         k, d = self.patch_size, self.embed_dim
-        p = self.fclayer.w1.weight
-        # fp32 hypernetwork under autocast; devices without autocast (meta: shape-only builds) need no guard
-        no_autocast = (torch.autocast(device_type=p.device.type, enabled=False)
-                       if torch.amp.is_autocast_available(p.device.type) else contextlib.nullcontext())
-        with no_autocast:
-            waves = sincos_1d(wavelengths_um.to(device=p.device, dtype=torch.float32) * 1000, self.dynamic_embed_dim)
-            waves = self.fclayer(waves.to(p.dtype))
-            weight, bias = self.weight_generator(waves)  # (C, k * k * D), (D,)
-            c = waves.shape[0]
-            if self.kernel_layout == 'permute':
-                kernel = weight.view(c, k, k, d).permute(3, 0, 1, 2)
-            else:
-                kernel = weight.view(d, c, k, k)  # NOTE pre-Sept-2024 DOFA weights were trained with this
-            return kernel * self.scaler, bias * self.scaler
+        weight, bias = self.generate_weights(wavelengths_um)  # (C, k * k * D), (D,)
+        c = weight.shape[0]
+        if self.kernel_layout == 'permute':
+            kernel = weight.view(c, k, k, d).permute(3, 0, 1, 2)
+        else:
+            kernel = weight.view(d, c, k, k)  # NOTE pre-Sept-2024 DOFA weights were trained with this
+        return kernel * self.scaler, bias * self.scaler
 
     def _state_key(self) -> tuple:
         # inference tensors (made under inference_mode) have no version counter and cannot change outside it

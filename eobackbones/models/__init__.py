@@ -1,13 +1,17 @@
-"""Model families register themselves on import; the helpers re-exported here are the registry API."""
-from ._base import EOModelMixin
-from ._builder import build_model_with_cfg, register_converter
-from ._factory import create_model
+"""The registry API and every model family (each registers its entrypoints and converters on import)."""
+from ._base import EOBackbone, EOModelMixin
+from ._builder import build_model_with_cfg, load_state_dict_strict
+from ._factory import ResolvedModel, convert_checkpoint, create_model, parse_model_name, resolve_model
 from ._features import FeatureGetter
-from ._pretrained import HubSource, ManualSource, PretrainedCfg
+from ._multi import MultiEncoder
 from ._registry import (
-    get_pretrained_cfg, is_model, list_models, list_pretrained, list_tags, model_entrypoint, register_arch_cfg,
-    register_model, register_pretrained, split_model_name_tag, unregister_pretrained)
+    get_arch_cfg, get_pretrained_cfg, is_model, list_models, list_pretrained, list_tags, model_entrypoint,
+    known_modalities, register_arch_cfg, register_model, register_pretrained, split_model_name_tag, unregister_model,
+    unregister_pretrained)
+from ..cfg import DirSource, HubSource, ManualSource, PretrainedCfg, Provenance
+from ..hub.weights import register_converter
 
-# families (import order = nothing; each registers its own entrypoints)
-from . import sslrs  # noqa: F401
+# families: each file registers its own entrypoints and converters
 from . import dofa  # noqa: F401
+from . import dualsimclr  # noqa: F401
+from . import sslswin  # noqa: F401

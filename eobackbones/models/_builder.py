@@ -1,48 +1,28 @@
-"""Build a model from its cfg: construct (on ``meta`` when weights follow), load strictly, wrap features."""
+"""Build a model from its cfg: the one loading path for every weights source.
+
+``build_model_with_cfg`` constructs the model (on ``meta`` when weights follow), loads them strictly (published
+weights, installed manual weights and ``save_pretrained`` directories alike), applies the one head rule
+(``num_classes`` differs from the weights' -> a fresh head), materialises what the weights did not provide,
+records the input spec and the provenance, and wraps ``features_only`` models (pruning what they do not use).
+"""
+import dataclasses
 import fnmatch
 import logging
-from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
+from ..cfg import DirSource, PretrainedCfg, Provenance
 from ..errors import CheckpointFormatError
+from ..hub.weights import load_weights
+from ..spec import InputSpec
 from ._features import FeatureGetter
-from ._pretrained import PretrainedCfg
+from ._registry import get_pretrained_cfg
 
-__all__ = ['Converter', 'register_converter', 'get_converter', 'build_model_with_cfg', 'load_state_dict_strict']
+__all__ = ['build_model_with_cfg', 'load_state_dict_strict', 'merge_model_args', 'adapt_spec']
 
 _logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Converter:
-    """Maps an upstream checkpoint to our keys.
-
-    ``fn(state_dict, cfg) -> state_dict``. The function drops what it knows to be unused (optimiser
-    state, MAE decoders) *by name*; anything else it does not know stays and fails the strict load.
-    ``allow_missing`` lists fnmatch patterns of our keys the upstream file legitimately lacks.
-    """
-    name: str
-    fn: Callable[[Dict[str, torch.Tensor], PretrainedCfg], Dict[str, torch.Tensor]]
-    allow_missing: Tuple[str, ...] = ()
-
-
-_converters: Dict[str, Converter] = {}
-
-
-def register_converter(name: str, allow_missing: Sequence[str] = ()) -> Callable:
-    def deco(fn):
-        _converters[name] = Converter(name, fn, tuple(allow_missing))
-        return fn
-    return deco
-
-
-def get_converter(name: str) -> Converter:
-    if name not in _converters:
-        raise CheckpointFormatError(f'unknown converter {name!r}; known: {", ".join(sorted(_converters)) or "none"}')
-    return _converters[name]
 
 
 def _fmt_keys(keys: Iterable[str], n: int = 6) -> str:
@@ -98,11 +78,29 @@ def _materialize(model: nn.Module) -> None:
             with torch.no_grad():
                 for n, t in loaded.items():
                     getattr(mod, n).copy_(t)
-    if hasattr(model, 'init_non_persistent_buffers'):
-        model.init_non_persistent_buffers()
+    for mod in model.modules():
+        # families (and the timm modules inside them, e.g. Swin's attention) recompute non-persistent buffers here
+        if hasattr(mod, 'init_non_persistent_buffers'):
+            mod.init_non_persistent_buffers()
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:
         raise RuntimeError(f'internal error: tensors left on the meta device after loading: {_fmt_keys(left)}')
+
+
+def merge_model_args(model_cls: Any, base: Dict[str, Any], user: Dict[str, Any]) -> Dict[str, Any]:
+    """The weights' (or saved) constructor arguments, overridden by the user's.
+
+    A model class may declare ``arg_groups``: alternative ways to state one thing (e.g. DOFA's ``bands`` /
+    ``wavelengths``); a user argument of a group replaces the whole group of ``base``, so a saved ``bands=`` never
+    contradicts a requested ``wavelengths=``.
+    """
+    args = dict(base)
+    for group in getattr(model_cls, 'arg_groups', ()):
+        if any(k in user for k in group):
+            for k in group:
+                args.pop(k, None)
+    args.update(user)
+    return args
 
 
 def build_model_with_cfg(
@@ -110,49 +108,91 @@ def build_model_with_cfg(
         variant: str,
         pretrained: bool,
         pretrained_cfg: Optional[PretrainedCfg] = None,
-        feature_cfg: Optional[Dict[str, Any]] = None,
-        spec_fn: Optional[Callable[[nn.Module, PretrainedCfg], Any]] = None,
+        spec_fn: Optional[Callable[[nn.Module, Optional[PretrainedCfg]], Any]] = None,
         **kwargs: Any,
 ) -> nn.Module:
-    """The one place families wire into: cfg -> constructor -> weights -> features wrapper.
+    """The one place families wire into: cfg -> constructor -> weights -> spec, provenance -> features wrapper.
 
     Args:
         model_cls: the family's model class (or a builder function).
         variant: the architecture name.
-        pretrained: load the weights of ``pretrained_cfg``.
+        pretrained: load the weights of ``pretrained_cfg`` (a manifest tag, installed manual weights or a directory).
         pretrained_cfg: resolved by ``create_model``; the architecture's default when None.
-        feature_cfg: unused keys reserved for families (e.g. default ``out_indices``).
-        spec_fn: computes the model's input spec when it depends on kwargs (e.g. DOFA's bound bands);
-            defaults to the cfg's spec.
-        **kwargs: constructor arguments; ``features_only`` / ``out_indices`` select the features wrapper.
+        spec_fn: computes the instance's input spec when it depends on constructor arguments (bands, channels,
+            image size); defaults to the cfg's spec.
+        **kwargs: constructor arguments (None values dropped); ``features_only`` / ``out_indices`` select the
+            features wrapper.
     """
-    from ._registry import get_pretrained_cfg
-    features_only = kwargs.pop('features_only', False)
-    out_indices = kwargs.pop('out_indices', None)
     user_args = {k: v for k, v in kwargs.items() if v is not None}
     cfg = pretrained_cfg or get_pretrained_cfg(variant)
-    args = dict(cfg.model_args) if cfg is not None else {}
-    args.update(user_args)
+    args = merge_model_args(model_cls, dict(cfg.model_args) if cfg is not None else {}, user_args)
+    # a saved features_only model records these in its model_args: it is rebuilt (and pruned) the same way
+    features_only = args.pop('features_only', False)
+    out_indices = args.pop('out_indices', None)
 
     if pretrained:
-        from ..hub.download import load_pretrained_state_dict
-        state_dict, allow_missing = load_pretrained_state_dict(cfg)
+        state_dict, allow_missing, provenance = load_weights(cfg)
         with torch.device('meta'):
             model = model_cls(**args)
         allow = list(allow_missing)
         prefix = getattr(model, 'classifier_prefix', None)
         if prefix and getattr(model, 'num_classes', 0) != cfg.num_classes:
-            # head of a different size: drop the weights' head (if any), initialise ours
+            # the one head rule: a head of another size (or none) -> drop the weights' head, initialise ours
             state_dict = {k: v for k, v in state_dict.items() if not k.startswith(prefix + '.')}
             allow.append(prefix + '.*')
-        load_state_dict_strict(model, state_dict, allow, source=cfg.name, assign=True)
+            if getattr(model, 'num_classes', 0):
+                provenance = dataclasses.replace(provenance, note=f'new {model.num_classes}-class head (random init)')
+        wrapper = None
+        if features_only:
+            # prune on meta, before loading: the pruned parts are never materialised; their weights are dropped
+            full = set(model.state_dict())
+            wrapper = FeatureGetter(model, out_indices)
+            pruned = full - set(model.state_dict())
+            state_dict = {k: v for k, v in state_dict.items() if k not in pruned}
+        where = cfg.source.uri if isinstance(cfg.source, DirSource) else cfg.name
+        load_state_dict_strict(model, state_dict, allow, source=where, assign=True)
         _materialize(model)
     else:
         model = model_cls(**args)
+        provenance = Provenance('none')
+        wrapper = FeatureGetter(model, out_indices) if features_only else None
 
     model.pretrained_cfg = cfg
     model.model_args = args
     model.input_spec = spec_fn(model, cfg) if spec_fn else (cfg.input_spec if cfg else None)
-    if features_only:
-        model = FeatureGetter(model, out_indices)
-    return model
+    model._builder = (model_cls, args)
+    if hasattr(model, 'mark_weights'):
+        model.mark_weights(provenance)
+    return wrapper if wrapper is not None else model
+
+
+def adapt_spec(
+        spec: Optional[InputSpec],
+        in_chans: Optional[Dict[str, int]] = None,
+        image_size: Optional[Dict[str, Tuple[int, int]]] = None,
+        missing: Optional[str] = None,
+) -> Optional[InputSpec]:
+    """The weights' spec made true for an instance built with other channel counts, sizes or missing policy.
+
+    A modality whose channel count differs from the spec's bands gets placeholder band names ``c0 .. c{n-1}`` and no
+    normalisation (nothing is known about those channels; the spec says so); a new fixed size replaces the native
+    size; ``missing`` sets the missing-modality policy.
+    """
+    if spec is None:
+        return None
+    mods = []
+    for m in spec.modalities:
+        n = (in_chans or {}).get(m.name)
+        if n is not None and n != m.in_chans:
+            m = dataclasses.replace(
+                m.with_bands(tuple(f'c{i}' for i in range(n))), sensor='unknown', normalization=(), unit='unknown',
+                notes=f'built with {n} input channels instead of the weights\' {m.in_chans} bands {list(m.bands)}: band '
+                      f'names and normalisation unknown; normalise the data yourself')
+        size = (image_size or {}).get(m.name)
+        if size is not None and tuple(size) != tuple(m.image_size):
+            m = dataclasses.replace(m, image_size=tuple(size))
+        mods.append(m)
+    out = dataclasses.replace(spec, modalities=tuple(mods))
+    if missing is not None and missing != spec.missing_modality:
+        out = dataclasses.replace(out, missing_modality=missing)
+    return out

@@ -1,25 +1,33 @@
-"""``create_model``: the one door to every model."""
+"""``create_model``: the one door to every model, and the one name resolver behind it."""
 import dataclasses
-import json
-import os
+import logging
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
+import torch
 from torch import nn
 
-from ..errors import ManifestError, UnknownModelError
+from .._io import sha256_file
+from ..cfg import DirSource, HubSource, PretrainedCfg, Provenance
+from ..errors import CheckpointFormatError, ManifestError, UnknownModelError
+from ..hub.weights import ConvertTarget, get_converter, manual_dir, read_model_dir
 from ..spec import InputSpec
-from ._base import CONFIG_FORMAT, CONFIG_NAME, WEIGHTS_NAME
+from ._base import TIMM_PREFIX
+from ._builder import _materialize, load_state_dict_strict
 from ._registry import (
-    _ensure_manifest, default_tag, get_arch_cfg, get_pretrained_cfg, model_entrypoint, split_model_name_tag)
+    _ensure_manifest, default_tag, get_arch_cfg, get_pretrained_cfg, list_tags, model_entrypoint, split_model_name_tag)
 
-__all__ = ['create_model', 'parse_model_name', 'read_model_dir']
+__all__ = ['create_model', 'parse_model_name', 'resolve_model', 'ResolvedModel', 'convert_checkpoint']
 
+_logger = logging.getLogger(__name__)
 _PREFIXES = ('hf-hub:', 'local-dir:')
 
 
-def parse_model_name(name: str):
+def parse_model_name(name: str) -> Tuple[str, str]:
     """Split a name into (source, rest): ``('registry', 'arch.tag')``, ``('hf-hub', 'org/repo@rev')``, ..."""
+    if not isinstance(name, str) or not name:
+        raise UnknownModelError(f'a model name is a non-empty string, got {name!r}')
     for p in _PREFIXES:
         if name.startswith(p):
             return p[:-1], name[len(p):]
@@ -30,31 +38,67 @@ def parse_model_name(name: str):
     return 'registry', name
 
 
-def create_model(
-        model_name: str,
-        pretrained: Union[bool, str] = False,
-        **kwargs: Any,
-) -> nn.Module:
-    """Create a model by name.
+@dataclass(frozen=True)
+class ResolvedModel:
+    """What a model name means: the architecture, the cfg to build it with, and whether weights are loaded.
+
+    ``name`` is what reports show (``arch.tag``, ``arch``, ``local-dir:/path``, ``hf-hub:org/repo@rev``).
+    """
+    arch: str
+    cfg: Optional[PretrainedCfg]
+    pretrained: bool
+    name: str
+
+    @property
+    def weights(self) -> str:
+        """The weights' name in reports: the tag name or directory, or ``random-init``."""
+        return self.name if self.pretrained else 'random-init'
+
+
+def _arch_of_config(conf: Dict[str, Any]) -> str:
+    arch = conf['architecture']
+    return arch[len(TIMM_PREFIX):] if conf.get('format') != 'eobackbones/1' and arch.startswith(TIMM_PREFIX) else arch
+
+
+def _dir_cfg(uri: str) -> Tuple[str, PretrainedCfg]:
+    """The cfg of a ``save_pretrained`` directory: its architecture's defaults + what it recorded about itself."""
+    conf, _, canonical = read_model_dir(uri)
+    arch = _arch_of_config(conf)
+    model_entrypoint(arch)  # unknown architecture: close matches
+    base = get_pretrained_cfg(arch) or PretrainedCfg(arch)
+    try:
+        spec = InputSpec.from_dict(conf['input_spec']) if conf.get('input_spec') else base.input_spec
+    except (ManifestError, TypeError) as e:
+        raise ManifestError(f'{canonical}: config.json has a bad input_spec: {e}') from None
+    num_classes = conf.get('num_classes', (conf.get('model_args') or {}).get('num_classes', 0))
+    cfg = dataclasses.replace(
+        base, tag='', source=DirSource(canonical, conf.get('weights_sha256')), format='safetensors', converter=None,
+        model_args=dict(conf.get('model_args') or {}), input_spec=spec, num_classes=int(num_classes or 0),
+        license=conf.get('license', base.license), paper=conf.get('paper', base.paper))
+    return arch, cfg
+
+
+def resolve_model(name: str, pretrained: Union[bool, str, None] = False) -> ResolvedModel:
+    """The one name resolver (used by ``create_model``, the probe, ``eobackbones info`` and the benchmarks).
 
     Args:
-        model_name: ``arch``, ``arch.tag``, ``hf-hub:org/repo[@revision]`` or ``local-dir:/path``.
-        pretrained: False (random init), True (the tag in the name, else the default tag) or a tag.
-        **kwargs: model arguments (``num_classes``, ``wavelengths``, ``bands``, ``features_only``,
-            ``out_indices`` ...); ``None`` values are dropped so callers can pass optional settings through.
+        name: ``arch``, ``arch.tag``, ``hf-hub:org/repo[@revision]`` or ``local-dir:/path``.
+        pretrained: False (random init), True (the tag in the name, else the architecture's default tag), a tag,
+            or ``'none'``. A directory source always holds its own weights.
 
     Raises:
-        UnknownModelError: unknown name or tag (with close matches), or a URI without a known prefix.
-        WeightsNotFoundError / ChecksumMismatchError / CheckpointFormatError: see the loader.
+        UnknownModelError: unknown name or tag (with close matches), a URI without a known prefix, conflicting
+            tags, or ``pretrained=True`` for an architecture without published weights.
     """
-    kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    source, rest = parse_model_name(model_name)
+    source, rest = parse_model_name(name)
     if source != 'registry':
-        return _create_from_dir(source, rest, pretrained, **kwargs)
-
+        arch, cfg = _dir_cfg(name)
+        return ResolvedModel(arch, cfg, True, cfg.source.uri)
     arch, tag = split_model_name_tag(rest)
-    entry = model_entrypoint(arch)  # raises with close matches
+    model_entrypoint(arch)  # raises with close matches
     _ensure_manifest()
+    if isinstance(pretrained, str) and pretrained.lower() == 'none':
+        pretrained = False
     if isinstance(pretrained, str):
         if tag and tag != pretrained:
             raise UnknownModelError(f'conflicting tags: name {rest!r} and pretrained={pretrained!r}')
@@ -66,67 +110,102 @@ def create_model(
             raise UnknownModelError(
                 f'no pretrained weights exist for {arch}{": " + note if note else ""}; use pretrained=False for random init')
     cfg = get_pretrained_cfg(f'{arch}.{tag}' if tag else arch)
-    return entry(pretrained=bool(pretrained), pretrained_cfg=cfg, **kwargs)
+    return ResolvedModel(arch, cfg, bool(pretrained), cfg.name if cfg is not None and pretrained else arch)
 
 
-def read_model_dir(model_name: str) -> Tuple[Dict[str, Any], Path, str]:
-    """``config.json`` (parsed), the weights path and a display name of a ``hf-hub:`` / ``local-dir:`` source."""
-    from ..errors import WeightsNotFoundError
-    from ..hub.download import hub_file
-    source, rest = parse_model_name(model_name)
-    if source == 'local-dir':
-        root = Path(os.path.expanduser(rest))
-        conf_path, weights_path = root / CONFIG_NAME, root / WEIGHTS_NAME
-        for p in (conf_path, weights_path):
-            if not p.is_file():
-                raise WeightsNotFoundError(f'local-dir:{root}: expected {p.name} (written by save_pretrained), not found')
-        where = f'local-dir:{root}'
-    elif source == 'hf-hub':
-        repo, _, rev = rest.partition('@')
-        conf_path = hub_file(repo, CONFIG_NAME, rev or None)
-        weights_path = hub_file(repo, WEIGHTS_NAME, rev or None)
-        where = f'hf-hub:{rest}'
-    else:
-        raise UnknownModelError(f'{model_name!r} is not a "hf-hub:" or "local-dir:" source')
-    conf = json.loads(Path(conf_path).read_text(encoding='utf-8'))
-    if conf.get('format') != CONFIG_FORMAT or 'architecture' not in conf:
-        raise ManifestError(f'{where}: config.json is not an eobackbones config (format {conf.get("format")!r})')
-    return conf, Path(weights_path), where
+def create_model(
+        model_name: str,
+        pretrained: Union[bool, str] = False,
+        **kwargs: Any,
+) -> nn.Module:
+    """Create a model by name.
+
+    Args:
+        model_name: ``arch``, ``arch.tag``, ``hf-hub:org/repo[@revision]`` or ``local-dir:/path`` (a directory
+            written by ``save_pretrained``; it always loads its own weights, verified by the sha256 it recorded).
+        pretrained: False (random init), True (the tag in the name, else the default tag) or a tag.
+        **kwargs: model arguments (``num_classes``, ``wavelengths``, ``bands``, ``features_only``,
+            ``out_indices`` ...); ``None`` values are dropped so callers can pass optional settings through.
+
+    Raises:
+        UnknownModelError: unknown name or tag (with close matches), or a URI without a known prefix.
+        WeightsNotFoundError / ChecksumMismatchError / CheckpointFormatError: see the loader.
+    """
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    kwargs.pop('pretrained_cfg', None)
+    r = resolve_model(model_name, pretrained)
+    return model_entrypoint(r.arch)(pretrained=r.pretrained, pretrained_cfg=r.cfg, **kwargs)
 
 
-def _create_from_dir(source: str, rest: str, pretrained: Union[bool, str], **kwargs: Any) -> nn.Module:
-    """Load a directory written by ``save_pretrained`` (locally or from a Hub repository)."""
-    # a directory source is its weights: pretrained is not meaningful here
-    conf, weights_path, where = read_model_dir(f'{source}:{rest}')
-    from safetensors.torch import load_file
-    import torch
-    from ._builder import _materialize, load_state_dict_strict
-    args = dict(conf.get('model_args') or {})
-    features_only = kwargs.pop('features_only', False)
-    out_indices = kwargs.pop('out_indices', None)
-    args.update(kwargs)
-    with torch.device('meta'):  # the weights follow: no random init (as the builder does for pretrained=True)
-        model = create_model(conf['architecture'], pretrained=False, **args)
-    state_dict = load_file(str(weights_path))
-    allow: Tuple[str, ...] = ()
-    if 'num_classes' in kwargs:
-        # the saved head may not fit the requested one (model_args need not record num_classes): compare tensors
-        prefix = model.classifier_prefix + '.'
-        own = {k: tuple(v.shape) for k, v in model.state_dict().items() if k.startswith(prefix)}
-        saved = {k: tuple(v.shape) for k, v in state_dict.items() if k.startswith(prefix)}
-        if own != saved:
-            state_dict = {k: v for k, v in state_dict.items() if not k.startswith(prefix)}
-            allow = (prefix + '*',)
-    load_state_dict_strict(model, state_dict, allow, source=where, assign=True)
-    _materialize(model)  # a fresh head when num_classes changed, non-persistent buffers
-    if conf.get('input_spec'):
-        model.input_spec = InputSpec.from_dict(conf['input_spec'])
-    # the weights come from the directory: keep the tag it records (provenance), not the manifest's source
-    tag = split_model_name_tag(conf.get('weights') or '')[1]
-    model.pretrained_cfg = dataclasses.replace(
-        model.pretrained_cfg, tag=tag, source=None, format='safetensors', converter=None,
-        provenance=f'loaded from {where}', input_spec=model.input_spec)
-    if features_only:
-        from ._features import FeatureGetter
-        model = FeatureGetter(model, out_indices)
-    return model
+# ----------------------------------------------------------------------------------------------- convert
+
+
+def convert_checkpoint(
+        converter: str,
+        checkpoint: Union[str, Path],
+        out_dir: Optional[Union[str, Path]] = None,
+        options: Optional[Dict[str, str]] = None,
+) -> List[Path]:
+    """``eobackbones convert``: an upstream checkpoint -> ``save_pretrained`` directories (weights, config, card).
+
+    The converter's registration says which architectures the file yields and how. Without ``out_dir``,
+    weights that exist only outside the Hub (``installable``) are installed into the cache, where
+    ``create_model(NAME, pretrained=True)`` finds them. Every directory is written atomically: a failure leaves
+    nothing half-written.
+
+    Raises:
+        CheckpointFormatError: unreadable file, unknown / missing keys, shape mismatches.
+        ValueError: unknown or malformed options, or no ``out_dir`` for a converter that installs nothing.
+    """
+    conv = get_converter(converter)
+    if not (conv.archs or conv.targets):
+        raise UnknownModelError(f'converter {converter!r} is not a convert command')
+    opts = conv.parse_options(options or {})
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f'checkpoint {checkpoint} does not exist')
+    if out_dir is None and not conv.installable:
+        raise ValueError(f'convert {converter} needs --out DIR (its published weights load from the Hub directly)')
+    raw = conv.read(checkpoint, checkpoint.name)
+    sha = sha256_file(checkpoint)
+    # every target is converted and strictly loaded before anything is written: a bad key leaves no output behind
+    ready = []
+    for t in conv.resolve_targets(raw, opts):
+        t = t if isinstance(t, ConvertTarget) else ConvertTarget(*t)
+        tag = t.tag or _published_tag(t.arch, sha)
+        cfg = get_pretrained_cfg(f'{t.arch}.{tag}' if tag else t.arch)
+        if cfg is None:
+            raise UnknownModelError(f'converter {converter} names unknown architecture {t.arch!r}')
+        cfg = dataclasses.replace(cfg, model_args=dict(cfg.model_args, **t.model_args))
+        with torch.device('meta'):
+            model = model_entrypoint(t.arch)(pretrained=False, pretrained_cfg=cfg)
+        sd = conv.fn(raw, cfg)
+        bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
+        if bad:
+            raise CheckpointFormatError(f'{checkpoint.name}: converter {converter} left non-tensor entries: {bad[:5]}')
+        load_state_dict_strict(model, sd, conv.allow_missing, source=f'{checkpoint.name} -> {t.arch}', assign=True)
+        _materialize(model)
+        model.eval()
+        if cfg.tag:  # the file is (or is installed as) published weights: say which
+            prov = Provenance('manifest', name=cfg.name, sha256=sha,
+                              source=f'{cfg.source.describe() if cfg.source else "manifest"} (file {checkpoint.name})')
+        else:
+            prov = Provenance('file', source=checkpoint.name, sha256=sha,
+                              note=f'converted with `eobackbones convert {converter}`')
+        model.mark_weights(prov)
+        ready.append((model, (Path(out_dir) / cfg.name) if out_dir is not None else manual_dir(cfg)))
+    written = []
+    for model, dest in ready:
+        model.save_pretrained(dest, conversion=conv.description)
+        written.append(dest)
+        _logger.info('wrote %s', dest)
+    return written
+
+
+def _published_tag(arch: str, sha: str) -> str:
+    """The manifest tag whose published checksum this file has (so a converted official file says so), or ''."""
+    for tag in list_tags(arch):
+        src = get_pretrained_cfg(f'{arch}.{tag}').source
+        if isinstance(src, HubSource) and sha.startswith(src.digest):
+            return tag
+    return ''

@@ -1,5 +1,6 @@
 """Multi-scale features for every backbone: ``features_only=True`` and ``forward_intermediates``."""
-from typing import Any, Dict, List, Sequence, Union
+from pathlib import Path
+from typing import Any, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -11,24 +12,46 @@ __all__ = ['FeatureInfo', 'feature_take_indices', 'FeatureGetter']
 class FeatureGetter(nn.Module):
     """Wraps a backbone so ``forward`` returns the list of NCHW maps at ``out_indices``.
 
-    Uses the backbone's own ``forward_intermediates`` (no hooks); extra keyword arguments
-    (``wavelengths=...``) pass through.
+    Uses the backbone's own ``forward_intermediates`` (no hooks); extra keyword arguments (``wavelengths=``,
+    conditioning inputs) pass through. With ``prune`` (default, as timm) the backbone's
+    ``prune_intermediate_layers`` removes what these maps do not need (later blocks, final norms, pooling and
+    projection heads), so every parameter left gets a gradient (DDP without ``find_unused_parameters``).
     """
 
-    def __init__(self, model: nn.Module, out_indices: Union[int, Sequence[int]] = None):
+    def __init__(self, model: nn.Module, out_indices: Optional[Union[int, Sequence[int]]] = None, prune: bool = True,
+                 norm: bool = False):
         super().__init__()
         num = len(model.feature_info)
-        if out_indices is None:
-            out_indices = tuple(range(num))
         take, _ = feature_take_indices(num, out_indices)
-        self.out_indices = tuple(take)
+        self.out_indices = tuple(int(i) for i in take)
+        if prune and hasattr(model, 'prune_intermediate_layers'):
+            model.prune_intermediate_layers(list(self.out_indices), prune_norm=not norm, prune_head=True)
+        self.norm = norm
         self.model = model
         self.feature_info = FeatureInfo(model.feature_info, self.out_indices)
-        self.input_spec = getattr(model, 'input_spec', None)
-        self.pretrained_cfg = getattr(model, 'pretrained_cfg', None)
+
+    @property
+    def input_spec(self):
+        return getattr(self.model, 'input_spec', None)
+
+    @property
+    def pretrained_cfg(self):
+        return getattr(self.model, 'pretrained_cfg', None)
+
+    @property
+    def provenance(self):
+        return self.model.provenance
 
     def forward(self, x: Any, **kwargs: Any) -> List[torch.Tensor]:
-        return self.model.forward_intermediates(x, indices=list(self.out_indices), intermediates_only=True, **kwargs)
+        return self.model.forward_intermediates(
+            x, indices=list(self.out_indices), norm=self.norm, stop_early=True, intermediates_only=True, **kwargs)
 
-    def save_pretrained(self, save_dir, **kwargs):
-        return self.model.save_pretrained(save_dir, **kwargs)
+    def save_pretrained(self, save_dir: Union[str, Path], **kwargs: Any) -> Path:
+        """Saves the (pruned) backbone; the directory loads back as a ``features_only`` model."""
+        inner = self.model
+        args = inner.model_args
+        inner.model_args = dict(args, features_only=True, out_indices=list(self.out_indices))
+        try:
+            return inner.save_pretrained(save_dir, **kwargs)
+        finally:
+            inner.model_args = args

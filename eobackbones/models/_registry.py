@@ -11,13 +11,15 @@ import sys
 from collections import OrderedDict
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
+from ..cfg import PretrainedCfg
 from ..errors import UnknownModelError
-from ._pretrained import PretrainedCfg
+from ..hub.manifest import load_manifest
+from ..sensors import get_sensor, list_sensors
 
 __all__ = [
-    'register_model', 'register_arch_cfg', 'register_pretrained', 'unregister_pretrained', 'split_model_name_tag',
-    'list_models', 'list_pretrained', 'is_model', 'model_entrypoint', 'get_pretrained_cfg', 'get_arch_cfg',
-    'list_tags', 'default_tag',
+    'register_model', 'unregister_model', 'register_arch_cfg', 'register_pretrained', 'unregister_pretrained',
+    'split_model_name_tag', 'list_models', 'list_pretrained', 'is_model', 'model_entrypoint', 'get_pretrained_cfg',
+    'get_arch_cfg', 'list_tags', 'default_tag', 'on_register', 'known_modalities',
 ]
 
 _model_entrypoints: Dict[str, Callable] = {}
@@ -25,15 +27,26 @@ _model_to_module: Dict[str, str] = {}
 _arch_cfgs: Dict[str, PretrainedCfg] = {}  # tag-less cfg per architecture (input spec without weights)
 _pretrained_cfgs: Dict[str, 'OrderedDict[str, PretrainedCfg]'] = {}  # arch -> tag -> cfg
 _manifest_loaded = False
+_listeners: List[Callable[[str, Callable], None]] = []
 
 
 def _ensure_manifest() -> None:
+    """Read weights_manifest.yaml once (lazily: listing entrypoints needs no YAML)."""
     global _manifest_loaded
     if not _manifest_loaded:
         _manifest_loaded = True
-        from ..hub.manifest import load_manifest
-        for cfg in load_manifest():
+        archs, weights = load_manifest()
+        for cfg in archs:
+            _arch_cfgs.setdefault(cfg.architecture, cfg)
+        for cfg in weights:
             register_pretrained(cfg)
+
+
+def on_register(fn: Callable[[str, Callable], None]) -> None:
+    """Call ``fn(name, entrypoint)`` for every registered model, now and later (e.g. to mirror them into timm)."""
+    _listeners.append(fn)
+    for name, entry in list(_model_entrypoints.items()):
+        fn(name, entry)
 
 
 def register_model(fn: Callable) -> Callable:
@@ -44,11 +57,22 @@ def register_model(fn: Callable) -> Callable:
     _model_to_module[name] = fn.__module__.split('.')[-1]
     if hasattr(mod, '__all__') and name not in mod.__all__:
         mod.__all__.append(name)
+    for listener in _listeners:
+        listener(name, fn)
     return fn
 
 
+def unregister_model(name: str) -> None:
+    """Remove an entrypoint, its architecture cfg and its weights cfgs from the registry (e.g. a test-only model)."""
+    _model_entrypoints.pop(name, None)
+    _model_to_module.pop(name, None)
+    _arch_cfgs.pop(name, None)
+    _pretrained_cfgs.pop(name, None)
+
+
 def register_arch_cfg(cfg: PretrainedCfg) -> None:
-    """Register the weight-less default cfg (input spec, notes) of an architecture."""
+    """Register the weight-less default cfg (input spec, notes) of an architecture (the manifest's
+    ``architectures:`` section does this for the package's own models; tests and users may add theirs)."""
     _arch_cfgs[cfg.architecture] = cfg
 
 
@@ -153,6 +177,7 @@ def model_entrypoint(name: str) -> Callable:
 
 
 def get_arch_cfg(arch: str) -> Optional[PretrainedCfg]:
+    _ensure_manifest()
     return _arch_cfgs.get(arch)
 
 
@@ -182,3 +207,12 @@ def get_pretrained_cfg(name: str, quiet: bool = False) -> Optional[PretrainedCfg
         return tags[tag]
     dt = default_tag(arch)
     return tags[dt] if dt else _arch_cfgs.get(arch)
+
+
+def known_modalities() -> List[str]:
+    """Modality names of every registered model's spec and of every catalogue sensor (``s1``, ``s2``, ``dem`` ...)."""
+    _ensure_manifest()
+    names = {m.name for cfg in list(_arch_cfgs.values()) + [c for t in _pretrained_cfgs.values() for c in t.values()]
+             if cfg.input_spec is not None for m in cfg.input_spec.modalities}
+    names |= {get_sensor(s).modality for s in list_sensors()}
+    return sorted(names)

@@ -17,6 +17,7 @@ Weight history: DOFA weights released before Sept 2024 reshape the generated ker
 (``'permute'``). Sentinel-1 bands were fed with a placeholder wavelength (3.75 for v1 / torchgeo
 weights, 5.405 for DOFA v2): the manifest records it per weight as ``sar_wavelength_um``.
 """
+import dataclasses
 import logging
 import math
 from functools import partial
@@ -29,46 +30,23 @@ from torch import nn
 from timm.models.vision_transformer import Block
 from torch.utils.checkpoint import checkpoint
 
+from ..cfg import PretrainedCfg
 from ..errors import CheckpointFormatError, InvalidInputError, UnknownBandError
+from ..hub.weights import ConverterOption, ConvertTarget, register_converter
 from ..layers import DynamicPatchEmbed, resample_abs_pos_embed, sincos_2d_pos_embed
-from ..sensors import resolve_bands
-from ..spec import InputSpec, ModalitySpec
+from ..sensors import Band, get_sensor, resolve_bands
+from ..spec import InputSpec, ModalitySpec, check_image
 from ._base import EOModelMixin
-from ._builder import build_model_with_cfg, register_converter
+from ._builder import build_model_with_cfg
 from ._features import feature_take_indices
-from ._pretrained import PretrainedCfg
-from ._registry import register_arch_cfg, register_model
+from ._registry import register_model
 
-__all__ = ['DOFA', 'dofa_input_spec', 'convert_checkpoint']
+__all__ = ['DOFA', 'DEFAULT_BANDS']
 
 _logger = logging.getLogger(__name__)
 
 DEFAULT_BANDS = ('B04', 'B03', 'B02', 'B05', 'B06', 'B07', 'B08', 'B11', 'B12')
 
-# Pretraining normalisation (Satlas 8-bit values 0-255; NAIP uint8 with ImageNet statistics), keyed by
-# qualified band name -> (mean, std). Source: zhu-xlab/DOFA normalize_dataset.py, as quoted by torchgeo's
-# DOFA documentation.
-_SATLAS_S2 = {
-    'sentinel2:B04': (114.1099739, 77.84352553),
-    'sentinel2:B03': (114.81779093, 69.96844919),
-    'sentinel2:B02': (126.63977424, 67.42465279),
-    'sentinel2:B05': (84.33539309, 64.57022983),
-    'sentinel2:B06': (97.84789168, 61.72545487),
-    'sentinel2:B07': (103.94461911, 61.34187099),
-    'sentinel2:B08': (101.435633, 60.29744676),
-    'sentinel2:B11': (72.32804172, 47.88519516),
-    'sentinel2:B12': (56.66528851, 42.55886798),
-}
-_SATLAS_S1 = {
-    'sentinel1:VH': (166.36275909, 64.83126309),
-    'sentinel1:VV': (88.45542715, 43.07350145),
-}
-_IMAGENET_RGB = {
-    'naip:R': (123.675, 58.395),
-    'naip:G': (116.28, 57.12),
-    'naip:B': (103.53, 57.375),
-}
-_NORM_TABLES = ((_SATLAS_S2, 'satlas_8bit'), (_SATLAS_S1, 'satlas_8bit'), (_IMAGENET_RGB, 'uint8'))
 # blocks feeding the 4 pyramid levels (strides patch/4, patch/2, patch, 2 * patch)
 _FEATURE_BLOCKS = {12: (3, 5, 7, 11), 24: (5, 11, 17, 23), 32: (7, 15, 23, 31)}
 _LEVEL_SCALES = (4.0, 2.0, 1.0, 0.5)
@@ -104,70 +82,52 @@ def _as_wavelengths(wavelengths: Any, what: str = 'wavelengths') -> Tuple[float,
     return tuple(vals)
 
 
-def _resolve_bands(bands: Sequence[str], sar_wavelength_um: float) -> Tuple[List[Any], Tuple[float, ...]]:
+def _resolve_bands(bands: Sequence[str], sar_wavelength_um: float) -> Tuple[List[Band], Tuple[float, ...]]:
     """Band names -> catalogue bands and the wavelengths DOFA is fed (SAR: the weights' convention)."""
     if isinstance(bands, str):
         raise UnknownBandError(f'bands must be a sequence of band names, got the string {bands!r}')
     if not bands:
         raise UnknownBandError('bands must name at least one band')
     resolved = resolve_bands(list(bands))
-    from ..sensors import get_sensor
     waves = tuple(float(sar_wavelength_um) if get_sensor(b.sensor).kind == 'sar' else b.wavelength_um
                   for b in resolved)
     return resolved, waves
 
 
-def dofa_input_spec(
-        bands: Optional[Sequence[Any]],
-        wavelengths_um: Sequence[float],
-        patch_size: int = 16,
-        img_size: int = 224,
-        sar_wavelength_um: Optional[float] = None,
-) -> InputSpec:
-    """Input spec of a DOFA instance bound to ``bands`` (catalogue ``Band`` objects) or bare wavelengths.
+def _bound_modality(base: Optional[ModalitySpec], bands: Optional[List[Band]], waves: Tuple[float, ...],
+                    sar_wavelength_um: float) -> ModalitySpec:
+    """The input modality of a DOFA instance bound to ``bands`` (or bare wavelengths).
 
-    The normalisation step comes from the published pretraining statistics, looked up by band name;
-    when any band has none, the spec has no meanstd step and says so in ``notes``.
+    Normalisation follows the band names: the weights' statistics (``base``, from the manifest: its default bands
+    and its ``band_stats`` table) give each bound band its value; a band without published statistics leaves the
+    spec without normalisation, saying so (nothing invented).
     """
     if not bands:
-        names = tuple(f'c{i}_{w:g}um' for i, w in enumerate(wavelengths_um))
-        mod = ModalitySpec(
-            name='image', sensor='any', bands=names, wavelengths_um=tuple(wavelengths_um), unit='unknown',
+        names = tuple(f'c{i}_{w:g}um' for i, w in enumerate(waves))
+        return ModalitySpec(
+            name='image', sensor='any', bands=names, wavelengths_um=waves, unit='unknown',
             notes='bound to bare wavelengths (no band names), so no published DOFA pretraining statistics apply; '
                   'normalise the data yourself (e.g. dataset z-score)')
-        return InputSpec((mod,), image_size=(img_size, img_size), any_bands=True, size_multiple=patch_size)
     sensors = sorted({b.sensor for b in bands})
     one = len(sensors) == 1
     names = tuple(b.name if one else b.qualified_name for b in bands)
-    stats, units, missing = [], set(), []
-    for b in bands:
-        for table, unit in _NORM_TABLES:
-            if b.qualified_name in table:
-                stats.append(table[b.qualified_name])
-                units.add(unit)
-                break
-        else:
-            missing.append(b.qualified_name)
+    quals = tuple(b.qualified_name for b in bands)
+    base = base or ModalitySpec(name='image', sensor='any', bands=names)
+    mod = base.with_bands(names, wavelengths_um=waves, qualified=quals)
     notes = ['any band set works through `wavelengths=` / `bands=`']
-    norm: Tuple[Dict[str, Any], ...] = ()
-    if missing:
-        unit = 'unknown'
-        notes.append(f'no published DOFA pretraining statistics for {", ".join(missing)}, so no meanstd step; '
-                     f'normalise the data yourself (e.g. dataset z-score)')
-    else:
-        unit = '+'.join(sorted(units))
-        norm = ({'op': 'meanstd', 'mean': [s[0] for s in stats], 'std': [s[1] for s in stats]},)
-        if 'satlas_8bit' in units:
-            notes.append('values are the Satlas 8-bit product (0-255); no published mapping from reflectance or dB '
-                         'to that scale is known, so other data needs its own normalisation')
-    if any(b.sensor == 'sentinel1' for b in bands) and sar_wavelength_um is not None:
+    if not mod.normalization:
+        known = {base.qualified(b) for b in base.bands} | set(base.band_stats or {})
+        notes.append(f'no published DOFA pretraining statistics for {", ".join(q for q in quals if q not in known)}, '
+                     f'so no meanstd step; normalise the data yourself (e.g. dataset z-score)')
+    elif 'satlas_8bit' in mod.unit:
+        notes.append('values are the Satlas 8-bit product (0-255); no published mapping from reflectance or dB to '
+                     'that scale is known, so other data needs its own normalisation')
+    if any(get_sensor(b.sensor).kind == 'sar' for b in bands):
         notes.append(f'SAR bands are fed with wavelength {sar_wavelength_um:g} (the convention of these weights), '
                      f'not the physical C-band wavelength')
-    mod = ModalitySpec(
-        name='image', sensor=sensors[0] if one else 'any', bands=names, wavelengths_um=tuple(wavelengths_um),
-        unit=unit, normalization=norm, gsd_m=10.0 if one and sensors[0] in ('sentinel1', 'sentinel2') else None,
-        notes='; '.join(notes))
-    return InputSpec((mod,), image_size=(img_size, img_size), any_bands=True, size_multiple=patch_size)
+    return dataclasses.replace(
+        mod, name='image', sensor=sensors[0] if one else 'any', notes='; '.join(notes),
+        gsd_m=10.0 if one and sensors[0] in ('sentinel1', 'sentinel2') else None)
 
 
 class DOFA(EOModelMixin, nn.Module):
@@ -178,7 +138,12 @@ class DOFA(EOModelMixin, nn.Module):
     (not part of any published checkpoint: identity-affine LayerNorm at load), then the head.
     ``features_only`` / ``forward_intermediates`` give a 4-level pyramid (strides patch/4 .. 2*patch)
     built without parameters from 4 blocks, so dense heads work on pretrained weights.
+
+    Token API (used by the MAE objective and anyone building on DOFA): :meth:`embed_tokens` (patch embedding +
+    positions + class token) and :meth:`apply_block` (one block, gradient checkpointing aware).
     """
+    # a user's bands= replaces saved / weight-required wavelengths= and vice versa (see merge_model_args)
+    arg_groups = (('bands', 'wavelengths'),)
 
     def __init__(
             self,
@@ -222,7 +187,7 @@ class DOFA(EOModelMixin, nn.Module):
                 24: 5, 11, 17, 23; 32: 7, 15, 23, 31).
 
         Raises:
-            InvalidInputError: bad wavelengths, or wavelengths and bands of different lengths.
+            InvalidInputError: bad wavelengths, or wavelengths that contradict the bands.
             UnknownBandError: a band name the catalogue does not know.
         """
         super().__init__()
@@ -238,6 +203,7 @@ class DOFA(EOModelMixin, nn.Module):
         self.global_pool = global_pool
         self.sar_wavelength_um = float(sar_wavelength_um)
         self.grad_checkpointing = False
+        self._spec_base: Optional[ModalitySpec] = None  # the weights' modality spec (statistics), set by the builder
         self._bind(wavelengths, bands)
 
         self.patch_embed = DynamicPatchEmbed(dynamic_embed_dim, patch_size, embed_dim, kernel_layout, **dd)
@@ -274,9 +240,11 @@ class DOFA(EOModelMixin, nn.Module):
         if bands is not None:
             resolved, waves = _resolve_bands(bands, self.sar_wavelength_um)
             if wavelengths is not None:
-                waves = _as_wavelengths(wavelengths)
-                if len(waves) != len(resolved):
-                    raise InvalidInputError(f'{len(waves)} wavelengths for {len(resolved)} bands {list(bands)}')
+                given = _as_wavelengths(wavelengths)
+                if len(given) != len(resolved) or any(abs(a - b) > 1e-9 for a, b in zip(given, waves)):
+                    raise InvalidInputError(
+                        f'bands={list(bands)} mean wavelengths {list(waves)} um but wavelengths={list(given)} was also '
+                        f'given; pass one of them')
         elif wavelengths is not None:
             waves = _as_wavelengths(wavelengths)
         else:
@@ -289,16 +257,22 @@ class DOFA(EOModelMixin, nn.Module):
         """Re-bind the default wavelengths (and the instance's ``input_spec``), as the constructor does."""
         self._bind(wavelengths, bands)
         self.init_non_persistent_buffers()
-        if self.input_spec is not None:
-            self.input_spec = self.bound_input_spec()
+        self.input_spec = self.bound_input_spec()
 
     @property
     def wavelengths_um(self) -> Tuple[float, ...]:
         """The bound wavelengths (micrometres) fed to the hypernetwork when ``forward`` gets none."""
         return self._waves_key
 
-    def bound_input_spec(self) -> InputSpec:
-        return dofa_input_spec(self._bands, self._waves_key, self.patch_size, self.img_size, self.sar_wavelength_um)
+    def bound_input_spec(self, base: Optional[ModalitySpec] = None) -> InputSpec:
+        """The input spec of the bands / wavelengths bound now; ``base`` (the weights' modality spec from the
+        manifest, remembered from the last call) supplies the normalisation statistics by band name."""
+        if base is not None:
+            self._spec_base = base
+        mod = _bound_modality(self._spec_base, self._bands, self._waves_key, self.sar_wavelength_um)
+        size = (self.img_size, self.img_size)
+        mod = dataclasses.replace(mod, image_size=size, size_multiple=self.patch_size, fixed_size=False, any_bands=True)
+        return InputSpec((mod,), image_size=size, any_bands=True, size_multiple=self.patch_size)
 
     def init_non_persistent_buffers(self) -> None:
         self.bound_wavelengths = torch.tensor(self._waves_key, dtype=torch.float32, device=self.pos_embed.device)
@@ -341,17 +315,12 @@ class DOFA(EOModelMixin, nn.Module):
             if global_pool not in ('avg', 'token', ''):
                 raise ValueError(f'global_pool must be "avg", "token" or "", got {global_pool!r}')
             self.global_pool = global_pool
-        dev = self.fc_norm.weight.device
+        dev = self.cls_token.device
         self.head = nn.Linear(self.embed_dim, num_classes, device=dev) if num_classes > 0 else nn.Identity()
 
     # ------------------------------------------------------------------ forward
     def _check(self, x: torch.Tensor, wavelengths: Any) -> Tuple[torch.Tensor, Tuple[float, ...]]:
-        if not isinstance(x, torch.Tensor) or x.ndim != 4:
-            raise InvalidInputError(f'DOFA expects a (B, C, H, W) tensor, got {getattr(x, "shape", type(x).__name__)}')
-        h, w = x.shape[-2:]
-        p = self.patch_size
-        if h % p or w % p:
-            raise InvalidInputError(f'DOFA input size must be a multiple of the patch size {p}, got {h}x{w}')
+        check_image(x, 'DOFA input', dtype=self._param_dtype(), size_multiple=self.patch_size)
         if wavelengths is None:
             waves, key = self.bound_wavelengths, self._waves_key
         else:
@@ -371,22 +340,26 @@ class DOFA(EOModelMixin, nn.Module):
         cls = (self.cls_token + pos[:, :1]).expand(x.shape[0], -1, -1)
         return torch.cat([cls, x], dim=1)
 
-    def _embed(self, x: torch.Tensor, wavelengths: Any) -> Tuple[torch.Tensor, Tuple[int, int]]:
+    def embed_tokens(self, x: torch.Tensor, wavelengths: Optional[Sequence[float]] = None,
+                     ) -> Tuple[torch.Tensor, Tuple[int, int], torch.Tensor]:
+        """(B, C, H, W) -> (tokens (B, 1 + N, D) with positions and the class token first, the (h, w) patch grid,
+        the wavelengths used (C,)). Checks the input and the wavelengths."""
         waves, key = self._check(x, wavelengths)
         x = self.patch_embed(x, waves, key)  # (B, D, h, w)
         grid = (x.shape[-2], x.shape[-1])
-        return self._pos_embed(x.flatten(2).transpose(1, 2), grid), grid
+        return self._pos_embed(x.flatten(2).transpose(1, 2), grid), grid, waves
 
-    def _block(self, blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def apply_block(self, blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """One transformer block (checkpointed when gradient checkpointing is on)."""
         if self.grad_checkpointing and not torch.jit.is_scripting() and torch.is_grad_enabled():
             return checkpoint(blk, x, use_reentrant=False)
         return blk(x)
 
     def forward_features(self, x: torch.Tensor, wavelengths: Optional[Sequence[float]] = None) -> torch.Tensor:
         """(B, C, H, W) -> un-normed tokens (B, 1 + N, D), class token first."""
-        x, _ = self._embed(x, wavelengths)
+        x, _, _ = self.embed_tokens(x, wavelengths)
         for blk in self.blocks:
-            x = self._block(blk, x)
+            x = self.apply_block(blk, x)
         return x
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -440,11 +413,11 @@ class DOFA(EOModelMixin, nn.Module):
             take, _ = feature_take_indices(len(self.blocks), indices)
             want = {b: [b] for b in take}
         last = max(want)
-        x, (gh, gw) = self._embed(x, wavelengths)
+        x, (gh, gw), _ = self.embed_tokens(x, wavelengths)
         out: Dict[int, torch.Tensor] = {}
         blocks = self.blocks if not stop_early else self.blocks[:last + 1]
         for i, blk in enumerate(blocks):
-            x = self._block(blk, x)
+            x = self.apply_block(blk, x)
             if i in want:
                 t = self.fc_norm(x) if norm else x
                 fmap = t[:, self.num_prefix_tokens:].reshape(t.shape[0], gh, gw, -1).permute(0, 3, 1, 2)
@@ -500,7 +473,42 @@ def _unwrap(raw: Any, what: str) -> Dict[str, torch.Tensor]:
     return raw
 
 
-@register_converter('dofa', allow_missing=('fc_norm.*',))
+# (embed_dim, depth, patch_size) -> architecture, to recognise a checkpoint
+_SHAPES = {(384, 12, 16): 'dofa_small', (768, 12, 16): 'dofa_base', (1024, 24, 16): 'dofa_large',
+           (1280, 32, 14): 'dofa_huge'}
+
+
+def _targets(raw: Any, options: Dict[str, Any]) -> List[ConvertTarget]:
+    """The architecture a checkpoint is (from its shapes, or ``arch=``) with the kernel layout and SAR convention."""
+    sd = _unwrap(raw, 'DOFA checkpoint')
+    arch = options['arch']
+    if arch is None:
+        try:
+            dim = sd['cls_token'].shape[-1]
+            depth = len({k.split('.')[1] for k in sd if k.startswith('blocks.')})
+            patch = int(round((sd['patch_embed.weight_generator.fc_weight.weight'].shape[0] / dim) ** 0.5))
+        except (KeyError, AttributeError, IndexError):
+            raise CheckpointFormatError('not a DOFA checkpoint (no cls_token / blocks / patch_embed keys); '
+                                        'pass --option arch=NAME to force an architecture') from None
+        if (dim, depth, patch) not in _SHAPES:
+            raise CheckpointFormatError(f'no DOFA architecture has width {dim}, depth {depth}, patch {patch}; known: '
+                                        f'{", ".join(f"{v} {k}" for k, v in _SHAPES.items())}')
+        arch = _SHAPES[(dim, depth, patch)]
+    return [ConvertTarget(arch, model_args=dict(kernel_layout=options['layout'],
+                                                sar_wavelength_um=options['sar_wavelength_um']))]
+
+
+@register_converter(
+    'dofa', allow_missing=('fc_norm.*',), archs=tuple(_SHAPES.values()), targets=_targets,
+    options={'arch': ConverterOption(str, None, 'architecture (default: read from the checkpoint\'s shapes)'),
+             'layout': ConverterOption(str, 'permute', 'kernel layout of the weights: permute (since Sept 2024) or '
+                                       'legacy (view(D, C, k, k), before)', choices=('permute', 'legacy')),
+             'sar_wavelength_um': ConverterOption(float, 3.75, 'wavelength the weights fed SAR bands (3.75: v1 / '
+                                                  'torchgeo, 5.405: DOFA v2)')},
+    description='keys kept as they are (torchgeo and zhu-xlab use the same names); dropped: the MAE `mask_token`, '
+                'pretraining `norm`, distillation `projector` and `decoder_*` by name; `fc_norm` is not in the '
+                'original weights (identity-affine LayerNorm); an all-zero `pos_embed` is replaced by the fixed '
+                'sin-cos table DOFA was trained with')
 def _convert_dofa(raw: Any, cfg: Optional[PretrainedCfg]) -> Dict[str, torch.Tensor]:
     """torchgeo / zhu-xlab DOFA checkpoint -> our keys (identical names; MAE extras dropped by name)."""
     what = cfg.name if cfg is not None else 'DOFA checkpoint'
@@ -516,91 +524,12 @@ def _convert_dofa(raw: Any, cfg: Optional[PretrainedCfg]) -> Dict[str, torch.Ten
     return out
 
 
-def convert_checkpoint(
-        checkpoint: Union[str, Path],
-        out_dir: Union[str, Path],
-        arch: str = 'dofa_base',
-        layout: str = 'permute',
-        sar_wavelength_um: float = 3.75,
-        **opts: Any,
-) -> List[Path]:
-    """``eobackbones convert dofa``: an upstream DOFA checkpoint -> one ``save_pretrained`` directory.
-
-    Args:
-        checkpoint: torchgeo or zhu-xlab ``.pth`` file.
-        out_dir: output directory (config.json, model.safetensors, README.md).
-        arch: ``dofa_small`` / ``dofa_base`` / ``dofa_large`` / ``dofa_huge``.
-        layout: kernel layout the weights were trained with (``permute``; ``legacy`` before Sept 2024).
-        sar_wavelength_um: SAR placeholder wavelength of the weights (3.75 for v1, 5.405 for v2).
-
-    Raises:
-        CheckpointFormatError: unreadable file, unknown / missing keys or shape mismatches.
-    """
-    from ..hub.download import read_torch_checkpoint
-    from ._builder import load_state_dict_strict
-    from ._factory import create_model
-    if opts:
-        raise TypeError(f'unknown options for convert dofa: {sorted(opts)}')
-    if layout not in ('permute', 'legacy'):
-        raise ValueError(f'layout must be "permute" or "legacy", got {layout!r}')
-    checkpoint, out_dir = Path(checkpoint), Path(out_dir)
-    sd = _convert_dofa(read_torch_checkpoint(checkpoint, checkpoint.name), None)
-    model = create_model(arch, kernel_layout=layout, sar_wavelength_um=sar_wavelength_um)
-    load_state_dict_strict(model, sd, ('fc_norm.*',), source=checkpoint.name)
-    model.save_pretrained(out_dir)
-    (out_dir / 'README.md').write_text(_model_card(arch, checkpoint.name, layout, sar_wavelength_um), encoding='utf-8')
-    return [out_dir]
-
-
-def _model_card(arch: str, source: str, layout: str, sar: float) -> str:
-    return f"""---
-license: mit
-library_name: eobackbones
-tags: [earth-observation, remote-sensing, dofa, vision-transformer]
----
-# {arch} (converted from `{source}`)
-
-DOFA (Xiong et al. 2024, [arXiv:2403.15356](https://arxiv.org/abs/2403.15356)): a ViT whose patch embedding is
-generated from each input channel's centre wavelength. Original code and weights: https://github.com/zhu-xlab/DOFA
-(MIT), torchgeo re-release https://huggingface.co/torchgeo/dofa. Converted with `eobackbones convert dofa`.
-
-- kernel layout: `{layout}` ({'view(C, k, k, D).permute(3, 0, 1, 2), weights since Sept 2024' if layout == 'permute' else 'view(D, C, k, k), weights before Sept 2024'})
-- SAR bands are fed with wavelength `{sar:g}` (the convention of these weights)
-- `fc_norm` is not in the original weights (identity-affine LayerNorm)
-
-```python
-import eobackbones
-model = eobackbones.create_model('local-dir:PATH', bands=['B04', 'B03', 'B02'])  # or wavelengths=[0.665, 0.56, 0.49]
-feats = model.forward_head(model.forward_features(x), pre_logits=True)
-```
-
-Inputs: Satlas 8-bit values (0-255) normalised with the statistics in `config.json` (`input_spec`).
-"""
-
-
-# ---------------------------------------------------------------------- cfgs / entrypoints
-_ARCHS = {
-    'dofa_small': dict(patch_size=16, embed_dim=384, depth=12, num_heads=6),
-    'dofa_base': dict(patch_size=16, embed_dim=768, depth=12, num_heads=12),
-    'dofa_large': dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16),
-    'dofa_huge': dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16),
-}
-for _arch, _a in _ARCHS.items():
-    register_arch_cfg(PretrainedCfg(
-        _arch, input_spec=dofa_input_spec(resolve_bands(list(DEFAULT_BANDS)),
-                                          [b.wavelength_um for b in resolve_bands(list(DEFAULT_BANDS))],
-                                          _a['patch_size']),
-        license='MIT', paper='arXiv:2403.15356',
-        notes='' if _arch in ('dofa_base', 'dofa_large') else 'no published weights in the manifest'))
+# ---------------------------------------------------------------------- create / entrypoints
 
 
 def _spec_fn(model: DOFA, cfg: Optional[PretrainedCfg]) -> InputSpec:
-    spec = model.bound_input_spec()
-    if cfg is not None and cfg.input_spec is not None and cfg.input_spec.modality().bands == spec.modality().bands \
-            and cfg.input_spec.modality().wavelengths_um == spec.modality().wavelengths_um \
-            and cfg.input_spec.size_multiple == spec.size_multiple:
-        return cfg.input_spec  # the weights' own spec (with its notes) when the default bands are bound
-    return spec
+    """The bound bands' spec; the weights' manifest spec supplies the statistics (looked up by band name)."""
+    return model.bound_input_spec(cfg.input_spec.modality() if cfg is not None and cfg.input_spec else None)
 
 
 def _create_dofa(variant: str, pretrained: bool = False, **kwargs: Any) -> DOFA:
@@ -610,22 +539,26 @@ def _create_dofa(variant: str, pretrained: bool = False, **kwargs: Any) -> DOFA:
 @register_model
 def dofa_small(pretrained: bool = False, **kwargs: Any) -> DOFA:
     """DOFA ViT-S/16 (no published weights)."""
-    return _create_dofa('dofa_small', pretrained, **dict(_ARCHS['dofa_small'], **kwargs))
+    model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6)
+    return _create_dofa('dofa_small', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def dofa_base(pretrained: bool = False, **kwargs: Any) -> DOFA:
     """DOFA ViT-B/16."""
-    return _create_dofa('dofa_base', pretrained, **dict(_ARCHS['dofa_base'], **kwargs))
+    model_args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12)
+    return _create_dofa('dofa_base', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def dofa_large(pretrained: bool = False, **kwargs: Any) -> DOFA:
     """DOFA ViT-L/16."""
-    return _create_dofa('dofa_large', pretrained, **dict(_ARCHS['dofa_large'], **kwargs))
+    model_args = dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16)
+    return _create_dofa('dofa_large', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def dofa_huge(pretrained: bool = False, **kwargs: Any) -> DOFA:
     """DOFA ViT-H/14 (no published weights; pyramid reductions 3.5, 7, 14, 28)."""
-    return _create_dofa('dofa_huge', pretrained, **dict(_ARCHS['dofa_huge'], **kwargs))
+    model_args = dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16)
+    return _create_dofa('dofa_huge', pretrained, **dict(model_args, **kwargs))

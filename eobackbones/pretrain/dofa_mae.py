@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from timm.models.vision_transformer import Block
 
-from ..layers import ResidualMlp, WavelengthWeightGenerator, sincos_1d, sincos_2d_pos_embed
+from ..layers import WavelengthHypernetwork, sincos_2d_pos_embed
 from ..models.dofa import DOFA
 
 __all__ = ['DynamicDecoderHead', 'DOFAMAE', 'random_masking', 'patchify']
@@ -48,31 +48,23 @@ def random_masking(
     return kept, mask.gather(1, ids_restore), ids_restore
 
 
-class DynamicDecoderHead(nn.Module):
-    """Decoder tokens (B, L, Dd) -> pixels (B, L, C * p * p) with per-wavelength generated weights."""
+class DynamicDecoderHead(WavelengthHypernetwork):
+    """Decoder tokens (B, L, Dd) -> pixels (B, L, C * p * p) with per-wavelength generated weights.
 
-    keep_fp32 = True
+    The same hypernetwork path as DOFA's patch embedding (:class:`~eobackbones.layers.WavelengthHypernetwork`),
+    generating a (p * p * Dd) projection per wavelength instead of a kernel, without a bias.
+    """
 
     def __init__(self, decoder_dim: int, patch_size: int, dynamic_embed_dim: int = 128, scaler: float = 0.01) -> None:
-        super().__init__()
+        super().__init__(dynamic_embed_dim, patch_size * patch_size * decoder_dim, bias_dim=None)
         self.patch_size = patch_size
         self.decoder_dim = decoder_dim
-        self.dynamic_embed_dim = dynamic_embed_dim
         self.scaler = scaler
-        self.fclayer = ResidualMlp(dynamic_embed_dim)
-        self.weight_generator = WavelengthWeightGenerator(
-            dynamic_embed_dim, patch_size * patch_size * decoder_dim, bias_dim=None)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.constant_(m.bias, 0.01)
+        self.init_hypernetwork()
 
     def forward(self, x: torch.Tensor, wavelengths_um: torch.Tensor) -> torch.Tensor:
         c = wavelengths_um.shape[0]
-        p = self.fclayer.w1.weight
-        with torch.autocast(device_type=p.device.type, enabled=False):
-            waves = self.fclayer(sincos_1d(wavelengths_um.to(p.device, torch.float32) * 1000, self.dynamic_embed_dim))
-            weight, _ = self.weight_generator(waves)  # (C, p * p * Dd)
+        weight, _ = self.generate_weights(wavelengths_um)  # (C, p * p * Dd)
         weight = weight.reshape(c * self.patch_size ** 2, self.decoder_dim) * self.scaler
         return F.linear(x, weight.to(x.dtype))
 
@@ -121,14 +113,11 @@ class DOFAMAE(nn.Module):
             self, x: torch.Tensor, wavelengths: Optional[Sequence[float]], generator: Optional[torch.Generator] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, Tuple[int, int]]:
         enc = self.encoder
-        waves, key = enc._check(x, wavelengths)
-        tokens = enc.patch_embed(x, waves, key)  # (B, D, h, w)
-        grid = (tokens.shape[-2], tokens.shape[-1])
-        tokens = enc._pos_embed(tokens.flatten(2).transpose(1, 2), grid)  # (B, 1 + L, D)
+        tokens, grid, waves = enc.embed_tokens(x, wavelengths)  # (B, 1 + L, D)
         kept, mask, ids_restore = random_masking(tokens[:, 1:], self.mask_ratio, generator)
         h = torch.cat([tokens[:, :1], kept], dim=1)
         for blk in enc.blocks:
-            h = enc._block(blk, h)
+            h = enc.apply_block(blk, h)
         return self.norm(h), mask, ids_restore, waves, grid
 
     def forward_decoder(self, h: torch.Tensor, ids_restore: torch.Tensor, waves: torch.Tensor,

@@ -26,11 +26,12 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from functools import partial
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..data.datasets import ProbeData
+from .datasets import ProbeData
 
 __all__ = ['TORCHGEO_DATASETS', 'load_torchgeo']
 
@@ -115,6 +116,66 @@ def _collect(ds: Any, split: str, keys: Dict[str, str], strict: bool, limit: Opt
     return stacked, labels, ids, bad
 
 
+def _open_eurosat(tgd: Any, root: str, split: str, download: bool, modalities: Tuple[str, ...]) -> Dict[str, Any]:
+    ds = tgd.EuroSAT(root=root, split=split, download=download)
+    return dict(ds=ds, bands={'s2': tuple(ds.bands)}, units={'s2': 'reflectance_1e4'}, keys={'s2': 'image'},
+                label_names=tuple(ds.classes),
+                notes=['EuroSAT-MS: Sentinel-2 L1C TOA reflectance x 1e4; band order as torchgeo declares it (B8A last)'])
+
+
+def _open_bigearthnet(tgd: Any, root: str, split: str, download: bool, modalities: Tuple[str, ...],
+                      v2: bool = False) -> Dict[str, Any]:
+    which = 'all' if set(modalities) >= {'s1', 's2'} else ('s1' if 's1' in modalities else 's2')
+    if not v2:
+        ds = tgd.BigEarthNet(root=root, split=split, bands=which, num_classes=19, download=download)
+        label_names = tuple(ds.class_sets[19])
+    else:
+        ds = tgd.BigEarthNetV2(root=root, split=split, bands=which, download=download)
+        label_names = tuple(getattr(ds, 'class_set', None) or getattr(ds, 'classes', ()) or [str(i) for i in range(19)])
+    bands = _ben_bands(ds, which)
+    post = None
+    if which == 'all' and not v2:
+        n1 = len(bands['s1'])
+        keys = {'all': 'image'}
+
+        def post(parts, n1=n1):
+            x = parts.pop('all')
+            return {'s1': x[:n1], 's2': x[n1:]}
+    elif which == 'all':
+        keys = {'s1': 'image_s1', 's2': 'image_s2'}
+    else:
+        keys = {which: 'image'}
+    name = 'bigearthnet-v2' if v2 else 'bigearthnet'
+    return dict(ds=ds, bands=bands, units={m: {'s1': 'dB', 's2': 'reflectance_1e4'}[m] for m in bands}, keys=keys,
+                label_names=label_names, post=post,
+                notes=[f'{name}: band names parsed from the files torchgeo reads ({ {k: list(v) for k, v in bands.items()} })'])
+
+
+def _open_so2sat(tgd: Any, root: str, split: str, download: bool, modalities: Tuple[str, ...]) -> Dict[str, Any]:
+    ds = tgd.So2Sat(root=root, version='2', split={'val': 'validation'}.get(split, split))
+    s2_names = tuple(b.replace('S2_', '') for b in ds.all_s2_band_names)
+    n1 = len(ds.all_s1_band_names)
+    lee = [ds.all_s1_band_names.index('S1_B5'), ds.all_s1_band_names.index('S1_B6')]
+
+    def post(parts, n1=n1, lee=lee):
+        x = parts.pop('all').astype(np.float32)
+        s1 = 10.0 * np.log10(np.maximum(x[:n1][lee], 1e-10))
+        return {'s1': s1.astype(np.float32), 's2': x[n1:] * 1e4}
+    return dict(ds=ds, bands={'s1': ('VH', 'VV'), 's2': s2_names}, units={'s1': 'dB', 's2': 'reflectance_1e4'},
+                keys={'all': 'image'}, label_names=tuple(ds.classes), post=post,
+                notes=['So2Sat v2: s2 = stored reflectance x 1e4; s1 = VH, VV in dB from the Lee-filtered '
+                       'intensities (channels 5, 6); the complex channels are not used'])
+
+
+# one opener per dataset: (torchgeo module, root, split, download, modalities) -> dataset + how to read it
+_OPENERS = {
+    'eurosat': _open_eurosat,
+    'bigearthnet': _open_bigearthnet,
+    'bigearthnet-v2': partial(_open_bigearthnet, v2=True),
+    'so2sat': _open_so2sat,
+}
+
+
 def load_torchgeo(
         name: str,
         root: str | Path,
@@ -136,7 +197,7 @@ def load_torchgeo(
         seed: seed of that subset.
     """
     name = name.lower()
-    if name not in TORCHGEO_DATASETS:
+    if name not in _OPENERS:
         raise ValueError(f'unknown torchgeo dataset {name!r}; supported: {", ".join(TORCHGEO_DATASETS)}')
     tgd = _tg()
     root = str(root)
@@ -145,60 +206,11 @@ def load_torchgeo(
     ids: List[str] = []
     split_col: List[str] = []
     unreadable: List[Tuple[str, str]] = []
-    bands: Dict[str, Tuple[str, ...]] = {}
-    units: Dict[str, str] = {}
-    notes = []
     multilabel = name.startswith('bigearthnet')
-
     for split in ('train', 'val', 'test'):
-        post = None
-        if name == 'eurosat':
-            ds = tgd.EuroSAT(root=root, split=split, download=download)
-            bands = {'s2': tuple(ds.bands)}
-            units = {'s2': 'reflectance_1e4'}
-            keys = {'s2': 'image'}
-            label_names = tuple(ds.classes)
-            notes = ['EuroSAT-MS: Sentinel-2 L1C TOA reflectance x 1e4; band order as torchgeo declares it (B8A last)']
-        elif name in ('bigearthnet', 'bigearthnet-v2'):
-            mods = tuple(modalities or ('s2',))
-            which = 'all' if set(mods) == {'s1', 's2'} else mods[0]
-            if name == 'bigearthnet':
-                ds = tgd.BigEarthNet(root=root, split=split, bands=which, num_classes=19, download=download)
-                label_names = tuple(ds.class_sets[19])
-            else:
-                ds = tgd.BigEarthNetV2(root=root, split=split, bands=which, download=download)
-                label_names = tuple(getattr(ds, 'class_set', None) or getattr(ds, 'classes', ()) or
-                                    [str(i) for i in range(19)])
-            bands = _ben_bands(ds, which)
-            units = {m: {'s1': 'dB', 's2': 'reflectance_1e4'}[m] for m in bands}
-            if which == 'all' and name == 'bigearthnet':
-                n1 = len(bands['s1'])
-                keys = {'all': 'image'}
-
-                def post(parts, n1=n1):
-                    x = parts.pop('all')
-                    return {'s1': x[:n1], 's2': x[n1:]}
-            elif which == 'all':
-                keys = {'s1': 'image_s1', 's2': 'image_s2'}
-            else:
-                keys = {which: 'image'}
-            notes = [f'{name}: band names parsed from the files torchgeo reads ({ {k: list(v) for k, v in bands.items()} })']
-        else:  # so2sat
-            ds = tgd.So2Sat(root=root, version='2', split={'val': 'validation'}.get(split, split))
-            s2_names = tuple(b.replace('S2_', '') for b in ds.all_s2_band_names)
-            bands = {'s1': ('VH', 'VV'), 's2': s2_names}
-            units = {'s1': 'dB', 's2': 'reflectance_1e4'}
-            keys = {'all': 'image'}
-            n1 = len(ds.all_s1_band_names)
-            lee = [ds.all_s1_band_names.index('S1_B5'), ds.all_s1_band_names.index('S1_B6')]
-
-            def post(parts, n1=n1, lee=lee):
-                x = parts.pop('all').astype(np.float32)
-                s1 = 10.0 * np.log10(np.maximum(x[:n1][lee], 1e-10))
-                return {'s1': s1.astype(np.float32), 's2': x[n1:] * 1e4}
-            label_names = tuple(ds.classes)
-            notes = ['So2Sat v2: s2 = stored reflectance x 1e4; s1 = VH, VV in dB from the Lee-filtered '
-                     'intensities (channels 5, 6); the complex channels are not used']
+        o = _OPENERS[name](tgd, root, split, download, tuple(modalities or ('s2',)))
+        ds, bands, units, keys, label_names, notes, post = (
+            o['ds'], o['bands'], o['units'], o['keys'], o['label_names'], o['notes'], o.get('post'))
         arrays, lab, sid, bad = _collect(ds, split, keys, strict, max_per_split, seed, post)
         unreadable += bad
         for m, a in arrays.items():
