@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..errors import CheckpointFormatError, InvalidInputError, MissingModalityError
+from ..errors import CheckpointFormatError, InvalidInputError, MissingModalityError, WeightsNotFoundError
 from ..layers.timestep import SR3NoiseLevelEncoding, openai_timestep_embedding
 from ..spec import InputSpec, ModalitySpec
 from ._base import EOModelMixin
@@ -1062,7 +1062,12 @@ class DiffusionEncoder(EOModelMixin, nn.Module):
         return (_extract(self.sqrt_alphas_cumprod, t, x0.ndim).to(x0.dtype) * x0
                 + _extract(self.sqrt_one_minus_alphas_cumprod, t, x0.ndim).to(x0.dtype) * noise)
 
-    def _prepare(self, x: Any, context: Any, timestep: Any, noise_seed: Optional[int]):
+    def feature_input(self, x: Any, context: Any = None, timestep: Any = None, noise_seed: Optional[int] = None,
+                      ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Tuple[int, int, int, int]]:
+        """What the feature path feeds the UNet: ``(x_t, t, context token or None, padding info)``.
+
+        ``x_t = q_sample(pad(stack(x)), t, noise)`` with the per-call seeded noise (see the class docstring).
+        """
         x0 = self.stack_input(x)
         ctx = self.embed_context(context, x0.shape[0])
         x0, info = self.pad_input(x0)
@@ -1079,7 +1084,7 @@ class DiffusionEncoder(EOModelMixin, nn.Module):
     def forward_features(self, x: Any, context: Any = None, timestep: Any = None,
                          noise_seed: Optional[int] = None) -> torch.Tensor:
         """Noise to ``timestep``, run the encoder (+ SR3's first middle block); the unpooled classification map."""
-        x_t, t, ctx, info = self._prepare(x, context, timestep, noise_seed)
+        x_t, t, ctx, info = self.feature_input(x, context, timestep, noise_seed)
         emb = self.unet.embed_time(t)
         h, _ = self.unet.forward_encoder(x_t, emb, ctx)
         return self._crop(h, info, self.size_multiple)
@@ -1120,7 +1125,7 @@ class DiffusionEncoder(EOModelMixin, nn.Module):
         take, _ = feature_take_indices(len(self.feature_info), indices)
         if self._pruned_level is not None and min(take) < self._pruned_level:
             raise ValueError(f'levels {sorted(i for i in take if i < self._pruned_level)} were pruned')
-        x_t, t, ctx, info = self._prepare(x, context, timestep, noise_seed)
+        x_t, t, ctx, info = self.feature_input(x, context, timestep, noise_seed)
         emb = self.unet.embed_time(t)
         h, skips = self.unet.forward_encoder(x_t, emb, ctx)
         stop = min(take) if stop_early else (self._pruned_level if self._pruned_level is not None else 0)
@@ -1251,9 +1256,12 @@ def read_lightning_checkpoint(path: Union[str, Path]) -> Dict[str, torch.Tensor]
     ``state_dict`` are returned; modules torch blocks outright (``os``, ``sys``, ...) still fail the load.
 
     Raises:
+        WeightsNotFoundError: no file at ``path``.
         CheckpointFormatError: not a zip-format torch checkpoint, unreadable, or no ``state_dict`` of tensors.
     """
     path = Path(path)
+    if not path.is_file():
+        raise WeightsNotFoundError(f'{path}: no such checkpoint file')
     try:
         unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
     except (ValueError, RuntimeError, zipfile.BadZipFile, EOFError, OSError) as e:
