@@ -165,7 +165,7 @@ def _one_thread():
 
 @torch.no_grad()
 def test_sr3_parity():
-    """Model D through the converter: raw UNet (eps and the fe / fm / fd lists), t = 500, and the feature path."""
+    """Model D through the converter: feature path + full UNet at t = 1 (eps, fe / fm / fd), raw UNet at t = 500."""
     sd, vec, computed = _upstream('lontke_sr3_unet_s2_s1')
     model = load_lontke_checkpoint(sd, 'sr3')  # meta build, convert, strict assign-load, recompute schedule
     del sd
@@ -180,7 +180,9 @@ def test_sr3_parity():
         t, t500 = vec['input.t'], vec['input.t500']
         assert t.dtype == torch.int64 and t.tolist() == [1] and t500.tolist() == [500]
 
-        # one public call u(x, t) -> eps; upstream's feat_need lists come from hooks on the same modules
+        # t = 1 through the feature path: dict input, q_sample with the default noise (inverted, so x_t = x up to
+        # float32 rounding), the full UNet (stop_early=False runs the output conv too); upstream's feat_need
+        # lists and the noise prediction are read with hooks from the same call
         taps = _Taps()
         taps.add('noise_emb', u.noise_level_mlp)
         taps.add('fe.0', u.init_conv)
@@ -191,21 +193,32 @@ def test_sr3_parity():
         dec = [m for m in u.ups if isinstance(m, du.SR3ResBlockWithAttn)]
         for i, m in enumerate(dec):
             taps.add(f'fd.{len(dec) - 1 - i}', m)  # fd is reversed upstream
+        taps.add('eps', u.final_conv, full=True)
+        x0 = _invert_q_sample(model, x, 1)
         try:
-            _check('sr3.eps', u(x, t), vec['eps'])
+            final, inter = model.forward_intermediates(_split(x0))
         finally:
             taps.remove()
         got = taps.out
+        _check('sr3.eps', got['eps'], vec['eps'])
         _check('sr3.noise_emb', got['noise_emb'], vec['diag.noise_emb'])
         for i in range(15):
             _check(f'sr3.diag.fe.{i}', got[f'fe.{i}'], vec[f'diag.fe.{i}.chmean'])
             _check(f'sr3.diag.fd.{i}', got[f'fd.{i}'], vec[f'diag.fd.{i}.chmean'])
         _check('sr3.fm.0', got['fm.0'], vec['fm.0'])
         _check('sr3.fm.1', got['fm.1'], vec['fm.1'])
-        for i in (14, 11, 8, 5, 2):
-            _check(f'sr3.fd.{i}', got[f'fd.{i}'], vec[f'fd.{i}.chmean'])
+        _check('sr3.feature_path.fm.0', final, vec['fm.0'])
+        for info, f, i in zip(model.feature_info, inter, (2, 5, 8, 11, 14)):
+            assert f.shape[1] == info['num_chs'] and 128 // f.shape[-1] == info['reduction']
+            _check(f'sr3.fd.{i}', f.mean((2, 3)), vec[f'fd.{i}.chmean'])
+        _check('sr3.pooled_avg', model.forward_head(final, pre_logits=True), vec['fm.0'].mean((2, 3)))
+        model.reset_classifier(0, 'flatten')  # upstream's vectorised classification feature
+        flat = model.forward_head(final, pre_logits=True)
+        assert flat.shape == (1, 65536) == (1, model.head_hidden_size)
+        _check('sr3.pooled_flatten', flat, vec['fm.0'].flatten(1))
 
-        taps = _Taps()  # t = 500 pins the timestep convention (integer t, [sin, cos])
+        # t = 500 through the raw denoiser on the given x_t: pins the timestep convention (integer t, [sin, cos])
+        taps = _Taps()
         taps.add('noise_emb', u.noise_level_mlp)
         taps.add('fm.0', u.mid[0])
         try:
@@ -214,19 +227,6 @@ def test_sr3_parity():
             taps.remove()
         _check('sr3.t500.noise_emb', taps.out['noise_emb'], vec['t500.noise_emb'])
         _check('sr3.t500.fm.0', taps.out['fm.0'], vec['t500.fm.0.chmean'])
-
-        # feature path: dict input, q_sample at the default t = 1 with the default noise, decoder levels
-        x0 = _invert_q_sample(model, x, 1)
-        final, inter = model.forward_intermediates(_split(x0), stop_early=True)
-        _check('sr3.feature_path.fm.0', final, vec['fm.0'])
-        for info, f, i in zip(model.feature_info, inter, (2, 5, 8, 11, 14)):
-            assert f.shape[1] == info['num_chs'] and 128 // f.shape[-1] == info['reduction']
-            _check(f'sr3.feature_path.fd.{i}', f.mean((2, 3)), vec[f'fd.{i}.chmean'])
-        _check('sr3.pooled_avg', model.forward_head(final, pre_logits=True), vec['fm.0'].mean((2, 3)))
-        model.reset_classifier(0, 'flatten')  # upstream's vectorised classification feature
-        flat = model.forward_head(final, pre_logits=True)
-        assert flat.shape == (1, 65536) == (1, model.head_hidden_size)
-        _check('sr3.pooled_flatten', flat, vec['fm.0'].flatten(1))
     finally:
         del model
         gc.collect()
@@ -236,7 +236,7 @@ def test_sr3_parity():
 
 @torch.no_grad()
 def test_cm_conditional_parity():
-    """Model E through the converter: context embedding, raw UNet (eps, enc / middle / dec), t = 500, feature path."""
+    """Model E through the converter: context embedding, feature path + full UNet at t = 1, raw denoiser at t = 500."""
     sd, vec, computed = _upstream('lontke_cm_unet_s1_s2_conditional')
     model = load_lontke_checkpoint(sd, 'cm_conditional')
     del sd
@@ -257,42 +257,43 @@ def test_cm_conditional_parity():
         groups = {'climate_zone': ctx[:, 0:1], 'era_5': ctx[:, 1:10], 'season_s1': ctx[:, 10:11], 'season_s2': ctx[:, 11:12]}
         assert torch.equal(model.embed_context(groups), ce)
 
-        taps = _Taps()
+        taps = _Taps()  # t = 1 through the feature path and the full UNet, as for model D
         taps.add('time_emb', u.time_embed)
         for i, m in enumerate(u.input_blocks):
             taps.add(f'enc.{i}', m)
         taps.add('middle_out', u.middle_block, full=True)
         for i, m in enumerate(u.output_blocks):
             taps.add(f'dec.{len(u.output_blocks) - 1 - i}', m)  # reversed upstream
+        taps.add('eps', u.out, full=True)
+        x0 = _invert_q_sample(model, x, 1)
         try:
-            _check('cm.eps', model.denoise(x, t, context=ctx), vec['eps'])  # raw scalars -> embedder -> UNet
+            final, inter = model.forward_intermediates(_split(x0), context=ctx)
         finally:
             taps.remove()
         got = taps.out
+        _check('cm.eps', got['eps'], vec['eps'])
         _check('cm.time_emb', got['time_emb'], vec['diag.time_emb'])
         for i in range(15):
             _check(f'cm.diag.enc.{i}', got[f'enc.{i}'], vec[f'diag.enc.{i}.chmean'])
             _check(f'cm.diag.dec.{i}', got[f'dec.{i}'], vec[f'diag.dec.{i}.chmean'])
         _check('cm.middle_in', got['enc.14'], vec['middle_in.chmean'])
         _check('cm.middle_out', got['middle_out'], vec['middle_out'])
-
-        taps = _Taps()
-        taps.add('time_emb', u.time_embed)
-        taps.add('middle_out', u.middle_block)
-        try:
-            _check('cm.t500.eps', u(x, t500, context=ce).mean((2, 3)), vec['t500.eps.chmean'])
-        finally:
-            taps.remove()
-        _check('cm.t500.time_emb', taps.out['time_emb'], vec['t500.time_emb'])
-        _check('cm.t500.middle_out', taps.out['middle_out'], vec['t500.middle_out.chmean'])
-
-        x0 = _invert_q_sample(model, x, 1)
-        final, inter = model.forward_intermediates(_split(x0), context=ctx, stop_early=True)
         _check('cm.feature_path.middle_in', final.mean((2, 3)), vec['middle_in.chmean'])
         _check('cm.pooled_avg', model.forward_head(final, pre_logits=True), vec['middle_in.chmean'])
         for info, f, i in zip(model.feature_info, inter, (1, 4, 7, 10, 13)):
             assert f.shape[1] == info['num_chs'] and 128 // f.shape[-1] == info['reduction']
             _check(f'cm.feature_path.dec.{i}', f.mean((2, 3)), vec[f'diag.dec.{i}.chmean'])
+
+        # t = 500 through the raw denoiser, with the 12 raw scalars (embedder -> UNet)
+        taps = _Taps()
+        taps.add('time_emb', u.time_embed)
+        taps.add('middle_out', u.middle_block)
+        try:
+            _check('cm.t500.eps', model.denoise(x, t500, context=ctx).mean((2, 3)), vec['t500.eps.chmean'])
+        finally:
+            taps.remove()
+        _check('cm.t500.time_emb', taps.out['time_emb'], vec['t500.time_emb'])
+        _check('cm.t500.middle_out', taps.out['middle_out'], vec['t500.middle_out.chmean'])
     finally:
         del model
         gc.collect()
@@ -453,6 +454,8 @@ def test_prune_intermediate_layers():
     assert m.prune_intermediate_layers([3, 4]) == [3, 4]
     assert len(m.unet.output_blocks) == m.unet._levels[3][0] + 1 < n_before
     after = m.forward_intermediates(_x(1, 16), indices=[3, 4], intermediates_only=True, **kw)
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    after = m.forward_intermediates(_x(1, 16), indices=[3, 4], stop_early=True, intermediates_only=True, **kw)
     assert all(torch.equal(a, b) for a, b in zip(before, after))
     with pytest.raises(ValueError):
         m.forward_intermediates(_x(1, 16), indices=[0], **kw)
@@ -826,6 +829,7 @@ def _ddp_worker(out: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ddp_step_equals_single_process(tmp_path):
     out = tmp_path / 'ddp.pt'
     env = dict(os.environ, OMP_NUM_THREADS='1',

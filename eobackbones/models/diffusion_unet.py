@@ -1114,8 +1114,11 @@ class DiffusionEncoder(EOModelMixin, nn.Module):
     ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
         """Decoder maps at ``feature_info`` (shallow to deep; ``indices`` as timm: None all, int last n).
 
-        The decoder runs deep to shallow, so ``stop_early`` stops after the *shallowest* level asked; the
-        classification map (``forward_features``) is the final output. ``norm`` has no effect.
+        The decoder runs deep to shallow, so ``stop_early`` stops after the *shallowest* level asked; without it
+        the whole UNet runs, output conv included (as upstream's ``feat_need=True`` did). Nothing after the
+        shallowest level changes the returned values, so pass ``stop_early=True`` unless you want the full
+        forward (e.g. hooks on later modules). The classification map (``forward_features``) is the final
+        output. ``norm`` has no effect.
 
         Returns:
             The maps in ``indices`` order (cropped to the input), or ``(classification map, maps)``.
@@ -1128,8 +1131,7 @@ class DiffusionEncoder(EOModelMixin, nn.Module):
         x_t, t, ctx, info = self.feature_input(x, context, timestep, noise_seed)
         emb = self.unet.embed_time(t)
         h, skips = self.unet.forward_encoder(x_t, emb, ctx)
-        stop = min(take) if stop_early else (self._pruned_level if self._pruned_level is not None else 0)
-        _, maps = self.unet.forward_decoder(h, skips, emb, ctx, stop_level=stop)
+        _, maps = self.unet.forward_decoder(h, skips, emb, ctx, stop_level=min(take) if stop_early else None)
         inter = [self._crop(maps[i], info, 2 ** i) for i in take]
         if intermediates_only:
             return inter
