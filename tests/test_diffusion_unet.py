@@ -477,6 +477,18 @@ def test_heads_and_pooling():
     m.reset_classifier(0, 'avg')
     assert m.num_classes == 0 and isinstance(m.get_classifier(), torch.nn.Identity)
     assert m.no_weight_decay() == set()
+    assert all(p.requires_grad for p in m.parameters())  # pretraining / segmentation: everything trains
+
+
+def test_classifier_backward_reaches_every_trainable_parameter():
+    for kind in ('sr3', 'cm'):
+        m = _tiny(kind, num_classes=3).train()
+        frozen = {n for n, p in m.named_parameters() if not p.requires_grad}
+        assert frozen and all(n.startswith(('unet.mid.1', 'unet.ups', 'unet.final_conv', 'unet.middle_block',
+                                             'unet.output_blocks', 'unet.out.')) for n in frozen)
+        kw = {'context': _ctx()} if kind == 'cm' else {}
+        m(_x(2, 32), **kw).square().mean().backward()
+        assert not [n for n, p in m.named_parameters() if p.requires_grad and p.grad is None]
 
 
 def test_group_matcher_orders_layers_by_depth():

@@ -838,6 +838,8 @@ class DiffusionEncoder(EOModelMixin, nn.Module):
       120 px ben-ge patch this is upstream's 4 px padding to 128 exactly.
     - The raw denoiser is ``model.unet(x_t, t, context=None) -> eps`` (integer ``t``; for the conditional model
       ``context`` is the *embedded* token, :meth:`embed_context`); :meth:`denoise` takes the 12 raw scalars.
+    - With a classifier (``num_classes > 0``) the decoder, which the classification path does not use, is frozen
+      (``requires_grad=False``); ``num_classes=0`` (pretraining, segmentation) keeps every parameter trainable.
     """
 
     def __init__(
@@ -930,6 +932,18 @@ class DiffusionEncoder(EOModelMixin, nn.Module):
             raise ValueError('a classifier needs pooled features: global_pool "avg" or "flatten"')
         dev = next(self.unet.parameters()).device
         self.head = nn.Linear(self.head_hidden_size, num_classes, device=dev) if num_classes > 0 else nn.Identity()
+        self._sync_decoder_grad()
+
+    def _decoder_modules(self) -> List[nn.Module]:
+        """The UNet parts after the classification map (second middle block / middle block, decoder, output)."""
+        u = self.unet
+        return [u.mid[1], u.ups, u.final_conv] if self.unet_type == 'sr3' else [u.middle_block, u.output_blocks, u.out]
+
+    def _sync_decoder_grad(self) -> None:
+        # With a classifier the decoder is off the forward path: frozen, so every trainable parameter gets a
+        # gradient (DDP without find_unused_parameters). ``requires_grad_(True)`` on them undoes it.
+        for m in self._decoder_modules():
+            m.requires_grad_(self.num_classes == 0)
 
     @property
     def conditional(self) -> bool:

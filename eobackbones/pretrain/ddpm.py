@@ -171,6 +171,9 @@ class DDPMObjective(nn.Module):
 
     def __init__(self, encoder: DiffusionEncoder):
         super().__init__()
+        if encoder.num_classes:
+            raise ValueError('DDPM pretraining takes an encoder without classifier (num_classes=0): its decoder is '
+                             f'frozen while a classifier is attached, got num_classes={encoder.num_classes}')
         self.encoder = encoder
         self.diffusion = GaussianDiffusion.from_encoder(encoder)
 
