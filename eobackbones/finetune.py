@@ -328,11 +328,27 @@ def _world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over processes; the gradient of a sum of per-process losses w.r.t. the shared sum is again a sum."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
 class DistributedBatchNorm(nn.modules.batchnorm._BatchNorm):
     """BatchNorm whose training-mode statistics are those of the global batch over all processes.
 
     Same parameters, buffers and state-dict keys as ``nn.BatchNorm{1,2,3}d``; differentiable all-reduces
-    (``torch.distributed.nn``) carry the gradient through the shared statistics, so data-parallel training
+    carry the gradient through the shared statistics, so data-parallel training
     computes what one process computes on the whole batch. Works on any device and backend (gloo on CPU).
     Eval mode and single-process runs are plain BatchNorm.
     """
@@ -344,7 +360,7 @@ class DistributedBatchNorm(nn.modules.batchnorm._BatchNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or _world_size() == 1:
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
+        all_reduce = _AllReduceSum.apply
         self._check_input_dim(x)
         dims = [0] + list(range(2, x.dim()))
         shape = [1, -1] + [1] * (x.dim() - 2)
@@ -371,8 +387,9 @@ def convert_sync_batchnorm(model: nn.Module) -> nn.Module:
     """Make every ``nn.BatchNorm{1,2,3}d`` compute global-batch statistics under ``torch.distributed``.
 
     On CUDA this is ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``; elsewhere (CPU / gloo, where
-    SyncBatchNorm refuses to run) the layers become :class:`DistributedBatchNorm`. A no-op outside a process
-    group of two or more. Subclasses of BatchNorm (timm's ``BatchNormAct2d``) are left as they are.
+    SyncBatchNorm refuses to run) the layers become :class:`DistributedBatchNorm`, holding the same parameter
+    and buffer objects. A no-op outside a process group of two or more. Subclasses of BatchNorm (timm's
+    ``BatchNormAct2d``) are left as they are.
     """
     if _world_size() == 1:
         return model
@@ -388,11 +405,12 @@ def convert_sync_batchnorm(model: nn.Module) -> nn.Module:
 
 
 def _to_distributed_bn(bn: nn.modules.batchnorm._BatchNorm) -> DistributedBatchNorm:
+    # reuse the parameter and buffer objects (as torch's convert_sync_batchnorm does), so optimizers, parameter
+    # groups and freeze records built before the conversion stay valid
     new = DistributedBatchNorm(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
-                               device=next(iter(bn.state_dict().values()), torch.empty(0)).device)
-    new.load_state_dict(bn.state_dict())
+                               device='meta')
     if bn.affine:
-        new.weight.requires_grad_(bn.weight.requires_grad)
-        new.bias.requires_grad_(bn.bias.requires_grad)
+        new.weight, new.bias = bn.weight, bn.bias
+    new.running_mean, new.running_var, new.num_batches_tracked = bn.running_mean, bn.running_var, bn.num_batches_tracked
     new.train(bn.training)
     return new
