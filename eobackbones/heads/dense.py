@@ -50,8 +50,9 @@ def _conv_norm_act(
 ) -> ConvNormAct:
     norm_kwargs = None
     if isinstance(norm_layer, str) and norm_layer.lower().replace('_', '') == 'groupnorm':
-        # largest group count <= 32 that divides the width (GroupNorm needs a divisor)
-        norm_kwargs = dict(num_groups=math.gcd(32, out_chs))
+        # largest group count <= 32 that divides the width with >= 2 channels per group (a 1x1 map, as the
+        # PPM's global pooling gives, has no variance within a 1-channel group)
+        norm_kwargs = dict(num_groups=max([g for g in range(1, 33) if out_chs % g == 0 and out_chs // g >= 2] or [1]))
     return ConvNormAct(in_chs, out_chs, kernel_size, norm_layer=norm_layer, act_layer=act_layer,
                        norm_kwargs=norm_kwargs)
 
