@@ -92,3 +92,23 @@ def test_torchrun_two_processes_equal_one(example, args, tmp_path):
             assert ddp[k] == pytest.approx(one[k], rel=1e-4), k
         else:  # argmax / ranking metrics: equal unless a near-tie flips
             assert ddp[k] == pytest.approx(one[k], abs=2e-3), k
+
+
+def test_torchgeo_tasks_train_eobackbones_models():
+    pytest.importorskip('torchgeo.trainers')
+    import torchgeo_tasks as TG
+    torch.manual_seed(0)
+    cls = TG.EOClassificationTask(model='test_tiny_cnn', num_classes=5, in_channels=3)
+    assert type(cls.model).__name__ == 'TinyCNN' and cls.model.num_classes == 5
+    loss = cls.training_step(dict(image=torch.randn(4, 3, 32, 32), label=torch.tensor([0, 1, 4, 2])), 0)
+    loss.backward()
+    assert torch.isfinite(loss) and cls.model.head.weight.grad is not None
+    seg = TG.EOSegmentationTask(model='unet', backbone='test_dofa', num_classes=3, ignore_index=255,
+                                backbone_kwargs=dict(bands=['B04', 'B03', 'B02']), freeze_backbone=True)
+    mask = torch.randint(0, 3, (2, 32, 32))
+    mask[:, :4] = 255
+    loss = seg.training_step(dict(image=torch.randn(2, 3, 32, 32), mask=mask), 0)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is None for p in seg.model.backbone.parameters())  # frozen by freeze_backbone
+    assert all(p.grad is not None for p in seg.model.decoder.parameters())
