@@ -21,10 +21,9 @@ model has head parameters).
 """
 import fnmatch
 import logging
-import math
 import re
 from itertools import chain
-from typing import Any, Callable, Collection, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Collection, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -219,7 +218,8 @@ def freeze(
         until: None: every backbone parameter (the head / decoder stay trainable). An int: the
             ``group_matcher(coarse=True)`` stages ``0..until`` (0 is the stem; ResNet: 1..4 are layer1..4;
             negative counts from the last stage). A str: ``'stem'``, or a module name (``'layer2'``,
-            ``'blocks.5'``, ``'backbone.layer2'``): everything up to and including the layer of that module.
+            ``'blocks.5'``; also found under a prefix such as ``backbone.``): everything up to and including the
+            deepest layer of that module.
         freeze_bn_stats: also freeze the statistics of BatchNorm layers whose parameters are all frozen (they
             become timm / torchvision ``FrozenBatchNorm2d``, which keeps the running statistics in train mode).
 
@@ -239,8 +239,9 @@ def freeze(
         limit = head - 1 if until is None else 0
     elif isinstance(until, str):
         ids, head = layer_ids(model)
-        prefix, _ = _matcher_owner(model)
-        hits = [n for n in ids for q in {until, prefix + until} if n == q or n.startswith(q + '.')]
+        # a module path, anchored at the start or at a module boundary ('layer2' also finds 'backbone.layer2' and
+        # both encoders' 's1.layer2' / 's2.layer2' of a pair)
+        hits = [n for n in ids if n.startswith(until + '.') or ('.' + until + '.') in n]
         if not hits:
             raise ValueError(f'until={until!r} matches no parameter of {type(model).__name__}; give a module name '
                              f'such as {sorted({n.rsplit(".", 2)[0] for n in ids})[:4]}')

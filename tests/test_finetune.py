@@ -127,6 +127,10 @@ def test_freeze_unfreeze_resnet_stages():
     finetune.unfreeze(model)
     with pytest.raises(ValueError, match='stages are 0..'):
         finetune.freeze(model, until=9)
+    pair = create_segmentation_model('dualsimclr_resnet18', 2, 'fpn', decoder_kwargs=dict(channels=16))
+    frozen = finetune.freeze(pair, until='layer1')  # a module name found in both encoders, under 'backbone.'
+    assert {n.split('.')[1] for n in frozen} == {'s1', 's2'}
+    assert all(n.split('.')[2] in ('conv1', 'bn1', 'layer1') for n in frozen)
     with pytest.raises(ValueError, match='matches no parameter'):
         finetune.freeze(model, until='layer7')
 
