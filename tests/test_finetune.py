@@ -1,12 +1,7 @@
-"""Fine-tuning helpers: layer-decay groups, freeze / unfreeze, unreached parameters, grad checkpointing, and
-BatchNorm with global-batch statistics under torch.distributed (2 CPU processes equal one)."""
-import os
-import socket
-
+"""Fine-tuning helpers: layer-decay groups, freeze / unfreeze, unreached parameters, grad checkpointing, and the
+BatchNorm that computes global-batch statistics under torch.distributed."""
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import timm.optim
 
 import eobackbones
@@ -199,59 +194,23 @@ def test_grad_checkpointing_segmentation_model():
 
 
 # ---------------------------------------------------------------- BatchNorm over processes
+# The 2-process equality (gradients, running statistics, metrics) is tested end to end under torchrun in
+# test_examples.py::test_torchrun_two_processes_equal_one (ResNet-18 BatchNorm, uneven shares).
 
-def _bn_net():
+def test_distributed_batchnorm_single_process_is_batchnorm():
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
-                               torch.nn.Conv2d(4, 2, 1), torch.nn.BatchNorm2d(2, momentum=None))
-
-
-def _bn_data():
-    g = torch.Generator().manual_seed(1)
-    return torch.randn(6, 3, 9, 9, generator=g) * 3 + 1
-
-
-def _bn_step(net, x, world):
-    out = net(x)
-    (out.square().sum() / (6 * out[0].numel()) * world).backward()
-
-
-def _bn_worker(rank, port, out):
-    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
-    dist.init_process_group('gloo', rank=rank, world_size=2)
-    try:
-        net = _bn_net()
-        params = list(net.parameters())
-        net = finetune.convert_sync_batchnorm(net)
-        assert [id(p) for p in net.parameters()] == [id(p) for p in params]  # same parameter objects
-        assert all(type(m).__name__ == 'DistributedBatchNorm' for m in (net[1], net[4]))
-        ddp = torch.nn.parallel.DistributedDataParallel(net)
-        x = _bn_data()[rank * 3:(rank + 1) * 3]  # uneven feature maps per channel are fine; equal shares here
-        _bn_step(ddp, x, 2)
-        out[rank] = ({n: p.grad.clone() for n, p in net.named_parameters()},
-                     {n: b.clone() for n, b in net.named_buffers()})
-    finally:
-        dist.destroy_process_group()
-
-
-def test_distributed_batchnorm_two_processes_equal_one():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        port = s.getsockname()[1]
-    out = mp.Manager().dict()
-    mp.spawn(_bn_worker, args=(port, out), nprocs=2, join=True)
-    net = _bn_net()
-    assert finetune.convert_sync_batchnorm(net) is net  # no process group: unchanged
-    _bn_step(net, _bn_data(), 1)
-    ref_grads = {n: p.grad for n, p in net.named_parameters()}
-    ref_bufs = dict(net.named_buffers())
-    for rank in (0, 1):
-        grads, bufs = out[rank]
-        for n in ref_grads:
-            torch.testing.assert_close(grads[n], ref_grads[n], rtol=1e-4, atol=1e-6, msg=n)
-        for n in ref_bufs:
-            torch.testing.assert_close(bufs[n], ref_bufs[n], rtol=1e-5, atol=1e-6, msg=n)
-    # and the global statistics are what makes it so: per-process BatchNorm gives other gradients
-    local = _bn_net()
-    _bn_step(local, _bn_data()[:3], 1)
-    assert not torch.allclose(local[0].weight.grad * 0.5, ref_grads['0.weight'], atol=1e-4)
+    bn = torch.nn.BatchNorm2d(4, momentum=None)
+    torch.nn.init.normal_(bn.weight)
+    net = torch.nn.Sequential(bn)
+    assert finetune.convert_sync_batchnorm(net) is net and net[0] is bn  # no process group: unchanged
+    dbn = finetune._to_distributed_bn(bn)
+    assert dbn.weight is bn.weight and dbn.running_var is bn.running_var  # same objects: optimizers stay valid
+    assert set(dbn.state_dict()) == set(bn.state_dict())
+    ref = torch.nn.BatchNorm2d(4, momentum=None)
+    ref.load_state_dict(bn.state_dict())
+    x = torch.randn(3, 4, 5, 5)
+    torch.testing.assert_close(dbn(x), ref(x))  # outside a process group: plain BatchNorm (train mode)
+    torch.testing.assert_close(dbn.running_mean, ref.running_mean)
+    dbn.eval()
+    ref.eval()
+    torch.testing.assert_close(dbn(x), ref(x))
