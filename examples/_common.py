@@ -33,6 +33,9 @@ from eobackbones import transforms
 from eobackbones.spec import InputSpec
 
 
+_OWN_GROUP = False
+
+
 def setup_distributed(device: str = 'cpu') -> Tuple[int, int, torch.device]:
     """Join the process group ``torchrun`` describes (gloo on CPU, NCCL on CUDA); (rank, world, device)."""
     world = int(os.environ.get('WORLD_SIZE', '1'))
@@ -43,14 +46,19 @@ def setup_distributed(device: str = 'cpu') -> Tuple[int, int, torch.device]:
     if dev.type == 'cuda':
         dev = torch.device('cuda', int(os.environ.get('LOCAL_RANK', '0')))
         torch.cuda.set_device(dev)
+    global _OWN_GROUP
     if world > 1 and not dist.is_initialized():
         dist.init_process_group('nccl' if dev.type == 'cuda' else 'gloo')
+        _OWN_GROUP = True
     return rank, world, dev
 
 
 def cleanup_distributed() -> None:
-    if dist.is_initialized():
+    """Leave the process group if :func:`setup_distributed` created it (a caller's own group stays)."""
+    global _OWN_GROUP
+    if _OWN_GROUP and dist.is_initialized():
         dist.destroy_process_group()
+    _OWN_GROUP = False
 
 
 _SENSOR_KEY = {'sentinel2': 's2', 'sentinel1': 's1'}
