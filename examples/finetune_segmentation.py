@@ -13,8 +13,9 @@ test metrics, ``metrics.json`` and ``save_pretrained`` into ``--out``.
 Inputs are mapped to the model's bands by name (``eobackbones.transforms.for_model``); wavelength-conditioned
 models (DOFA) are bound to the data's bands. Normalisation: the weights' own where the data's unit matches
 their spec (e.g. the SSLTransformerRS S2 encoders: clip + per-sample max), else a train-split z-score
-(``--norm``). The PASTIS S2 data has 10 bands (no B01 / B09 / B10): a 13-band model needs
-``--missing-bands zeros``.
+(``--norm``). The PASTIS S2 data has 10 bands (no B01 / B09 / B10): for a 13-band model (the
+SSLTransformerRS S2 encoders) ``--missing-bands zeros`` (the default here, printed at start) zero-fills them after
+normalisation; ``--missing-bands error`` refuses.
 """
 from __future__ import annotations
 
@@ -48,7 +49,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument('--date', default='median', help='median, clearest or a date index 0..2')
     p.add_argument('--task', default='groups3', choices=['groups3', 'classes'])
     p.add_argument('--norm', default='auto', choices=['auto', 'model', 'zscore'])
-    p.add_argument('--missing-bands', default='error', choices=['error', 'zeros'])
+    p.add_argument('--missing-bands', default='zeros', choices=['error', 'zeros'],
+                   help='model bands the data lacks: zero-filled after normalisation (printed) or refused')
     p.add_argument('--image-size', type=int, default=None, help='resize inputs (default: native / fixed size)')
     p.add_argument('--epochs', type=int, default=30)
     p.add_argument('--batch-size', type=int, default=2, help='global batch size (over all processes)')
@@ -120,6 +122,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
     images = C.for_model_keys(spec, data.images)  # keyed by the model's modality names
     pre, norm_used = C.input_plan(spec, C.for_model_keys(spec, data.bands), C.for_model_keys(spec, data.units),
                                   {m: x[train_rows] for m, x in images.items()}, args.norm, args.missing_bands)
+    filled = {m: b for m, b in pre.filled.items() if b}
     size = C.target_size(spec, data.masks.shape[-2:], args.image_size)
     if args.freeze_until is not None:
         until = int(args.freeze_until) if args.freeze_until.lstrip('-').isdigit() else args.freeze_until
@@ -137,7 +140,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
     if rank == 0:
         print(f'{args.model} + {args.decoder}: {sum(p.numel() for p in core.parameters()) / 1e6:.2f} M parameters, '
-              f'input {size}, normalisation {norm_used}, {world} process(es); frozen as unused: '
+              f'input {size}, normalisation {norm_used}, zero-filled bands {filled or "none"}, {world} process(es); '
+              f'frozen as unused: '
               f'{len(core.unused_parameters)}; pastis_mini {args.task}: {len(train_rows)} train / '
               f'{len(data.indices("val"))} val / {len(data.indices("test"))} test (a smoke test, not a benchmark)')
 
@@ -180,8 +184,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
     if rank == 0:
         out = Path(args.out)
         core.save_pretrained(out)
-        (out / 'metrics.json').write_text(json.dumps(dict(args=vars(args), world_size=world, normalisation=norm_used,
-                                                          history=history, final=final), indent=2, default=str))
+        (out / 'metrics.json').write_text(json.dumps(dict(
+            args=vars(args), world_size=world, normalisation=norm_used, zero_filled=filled, history=history,
+            final=final), indent=2, default=str))
         print(f'test mIoU {final["test_miou"]:.3f}  pixel acc {final["test_pixel_acc"]:.3f}  '
               f'balanced acc {final["test_balanced_acc"]:.3f}  (2 test patches: a smoke test, not a benchmark)')
         print('FINAL ' + json.dumps(final), flush=True)
