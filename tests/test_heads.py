@@ -1,4 +1,7 @@
 """Task heads: the classifier over pooled (pair) features and the Swin-UNet decoder over forward_intermediates."""
+import json
+import math
+
 import pytest
 import torch
 
@@ -79,3 +82,179 @@ def test_swin_unet_on_resnet_pair_and_missing_modality():
     assert out.shape == (2, 3, 128, 128)
     with pytest.raises(ValueError, match='channels'):
         dec([f[:, :8] for f in feats])
+
+
+# ---------------------------------------------------------------- ClassificationHead, dense decoders, SegmentationModel
+import tiny_models  # noqa: E402,F401  (registers test_tiny_cnn / test_dofa)
+from eobackbones.errors import InvalidInputError  # noqa: E402
+from eobackbones.heads import (  # noqa: E402
+    ClassificationHead, FPNHead, LinearSegHead, SegmentationModel, UNetHead, UPerNetHead, create_segmentation_model,
+    load_segmentation_model)
+
+
+def _trainable_without_grad(model):
+    return [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+
+
+def test_classification_head_linear_and_mlp():
+    torch.manual_seed(0)
+    x = torch.randn(3, 64)
+    lin = ClassificationHead(64, 7)
+    assert lin(x).shape == (3, 7) and lin.hidden is None
+    mlp = ClassificationHead(64, 19, hidden=32, dropout=0.2).eval()
+    assert mlp(x).shape == (3, 19) and mlp.fc1.out_features == 32 and mlp.fc.in_features == 32
+    mlp(x).sum().backward()
+    assert not _trainable_without_grad(mlp)
+    with pytest.raises(InvalidInputError, match=r'\(B, 64\)'):
+        lin(torch.randn(3, 65))
+    with pytest.raises(ValueError):
+        ClassificationHead(64, 0)
+    model = eobackbones.create_model('test_tiny_cnn').eval()
+    head = ClassificationHead.for_model(model, 4)
+    assert head(model.forward_head(model.forward_features(torch.randn(2, 3, 32, 32)), pre_logits=True)).shape == (2, 4)
+
+
+def _maps(chs, sizes, batch=2):
+    return [torch.randn(batch, c, s, s) for c, s in zip(chs, sizes)]
+
+
+@pytest.mark.parametrize('reductions,sizes', [
+    ((4, 8, 16, 32), (16, 8, 4, 2)),
+    ((3.5, 7, 14, 28), (16, 8, 4, 2)),   # DOFA-huge pyramid on a 56 px input
+    ((16, 16, 16, 16), (4, 4, 4, 4)),    # a plain ViT's blocks share one stride
+])
+@pytest.mark.parametrize('cls', [FPNHead, UPerNetHead, UNetHead, LinearSegHead])
+def test_dense_heads_any_reductions(cls, reductions, sizes):
+    torch.manual_seed(0)
+    chs = (8, 16, 24, 32)
+    kw = dict(channels=32) if cls in (FPNHead, UPerNetHead) else {}
+    head = cls(chs, reductions, 5, **kw)
+    out = head(_maps(chs, sizes))
+    # logits at output_reduction: the finest level for FPN / UPerNet, finer still for the UNet's extra blocks
+    side = 56 if reductions[0] == 3.5 else 64
+    assert out.shape[:2] == (2, 5)
+    assert out.shape[-1] == round(side / head.output_reduction) if cls is not LinearSegHead else out.shape[-1] == sizes[-1]
+    if cls is UNetHead:
+        assert head.extra_upsample == int(math.floor(math.log2(min(reductions))))
+    out.square().mean().backward()
+    assert not _trainable_without_grad(head)
+
+
+def test_dense_head_errors():
+    head = FPNHead((8, 16), (4, 8), 3, channels=16)
+    with pytest.raises(InvalidInputError, match='channels'):
+        head(_maps((8, 8), (8, 4)))
+    with pytest.raises(InvalidInputError, match='2 feature maps'):
+        head(_maps((8,), (8,)))
+    with pytest.raises(ValueError, match='same length'):
+        FPNHead((8, 16), (4,), 3)
+    with pytest.raises(ValueError, match='positive'):
+        UNetHead((8,), (0,), 3)
+
+
+def test_linear_seg_head_level_and_feature_stats():
+    head = LinearSegHead((8, 16), (4, 8), 3, level=-1)
+    maps = _maps((8, 16), (8, 4))
+    assert head(maps).shape == (2, 3, 4, 4) and head.output_reduction == 8
+    torch.testing.assert_close(head(maps[1]), head(maps))  # the level's map alone works too
+    mean, std = maps[1].mean((0, 2, 3)), maps[1].std((0, 2, 3))
+    head.set_feature_stats(mean, std)
+    ref = head.conv((maps[1] - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1))
+    torch.testing.assert_close(head(maps), ref)
+    assert {'feat_mean', 'feat_std'} <= set(head.state_dict())
+    with pytest.raises(InvalidInputError):
+        head.set_feature_stats(mean[:3], std)
+
+
+_SEG_CASES = [
+    # backbone, kwargs, decoders, input sizes
+    ('test_tiny_cnn', {}, ('fpn', 'upernet', 'unet', 'linear'), (32, 40, 52)),
+    ('test_dofa', {}, ('fpn', 'upernet', 'unet'), (32, 48)),
+    ('test_dofa', dict(patch_size=14, img_size=28), ('upernet', 'unet'), (28, 56)),  # reductions 3.5 / 7 / 14 / 28
+    ('dualsimclr_resnet18_s2', {}, ('fpn', 'unet'), (32, 48)),
+    ('dualsimclr_resnet18', dict(missing='zeros'), ('upernet',), (32,)),
+]
+
+
+@pytest.mark.parametrize('name,kwargs,decoders,sizes', _SEG_CASES, ids=[c[0] + str(i) for i, c in enumerate(_SEG_CASES)])
+def test_segmentation_model_shapes_and_backward(name, kwargs, decoders, sizes):
+    for decoder in decoders:
+        torch.manual_seed(0)
+        model = create_segmentation_model(name, 4, decoder, **kwargs)
+        assert model.num_classes == 4 and model.input_spec is model.backbone.input_spec
+        assert model.pretrained_cfg.architecture == name
+        assert all(n.startswith('backbone.') for n in model.unused_parameters)
+        for s in sizes:
+            x = eobackbones.example_input(model.input_spec, batch_size=2, image_size=s)
+            out = model(x)
+            assert out.shape == (2, 4, s, s), (decoder, s)
+        out.square().mean().backward()
+        assert not _trainable_without_grad(model), decoder
+
+
+def test_segmentation_model_swin_and_swinunet():
+    torch.manual_seed(0)
+    model = create_segmentation_model('sslswin_tiny_s2', 3, 'swinunet', decoder_kwargs=dict(depths=(1, 1, 0)))
+    assert isinstance(model.decoder, SwinUNetDecoder)
+    out = model(torch.randn(1, 13, 224, 224))
+    assert out.shape == (1, 3, 224, 224)
+    out.square().mean().backward()
+    assert not _trainable_without_grad(model)
+    assert set(model.unused_parameters) == {'backbone.norm.weight', 'backbone.norm.bias'}  # final norm: not on the path
+    with pytest.raises(ValueError, match='SSL-Swin'):
+        create_segmentation_model('test_tiny_cnn', 3, 'swinunet')
+    with pytest.raises(ValueError, match='decoder must be one of'):
+        create_segmentation_model('test_tiny_cnn', 3, 'deeplab')
+
+
+def test_segmentation_model_dict_input_and_call_keywords():
+    torch.manual_seed(0)
+    pair = create_segmentation_model('dualsimclr_resnet18', 2, 'fpn', missing='zeros').eval()
+    with torch.no_grad():
+        out = pair({'s2': torch.randn(1, 13, 40, 40)})  # one modality present: size from it
+        assert out.shape == (1, 2, 40, 40)
+        assert pair({'s1': torch.randn(1, 2, 32, 32), 's2': torch.randn(1, 13, 32, 32)}, output_size=(8, 8)).shape \
+            == (1, 2, 8, 8)
+    dofa = create_segmentation_model('test_dofa', 3, 'fpn', bands=['B04', 'B03', 'B02']).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        a, b = dofa(x), dofa(x, wavelengths=[0.842, 0.665, 0.56])  # passed through to forward_intermediates
+    assert a.shape == b.shape == (1, 3, 32, 32) and not torch.allclose(a, b)
+
+
+def test_segmentation_model_features_only_backbone():
+    torch.manual_seed(0)
+    fo = eobackbones.create_model('test_tiny_cnn', features_only=True, out_indices=(1, 2))
+    model = SegmentationModel(fo, 'unet', 3)
+    assert [fi['reduction'] for fi in model.feature_info] == [4, 8]
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 3, 32, 32)
+
+
+def test_segmentation_save_pretrained_roundtrip(tmp_path):
+    torch.manual_seed(0)
+    model = create_segmentation_model('test_dofa', 3, 'upernet', bands=['B04', 'B03', 'B02', 'B08'],
+                                      decoder_kwargs=dict(channels=32)).eval()
+    x = torch.randn(2, 4, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+    model.save_pretrained(tmp_path / 'seg')
+    conf = json.loads((tmp_path / 'seg' / 'config.json').read_text())
+    assert conf['task'] == 'segmentation' and conf['architecture'] == 'test_dofa'
+    assert conf['segmentation'] == dict(num_classes=3, decoder='upernet', decoder_kwargs=dict(channels=32),
+                                        out_indices=[0, 1, 2, 3])
+    loaded = load_segmentation_model(tmp_path / 'seg').eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), ref, rtol=0, atol=0)
+    assert loaded.input_spec.modality().bands == ('B04', 'B03', 'B02', 'B08')
+    with pytest.raises(eobackbones.ManifestError, match='not a segmentation model'):
+        eobackbones.create_model('test_tiny_cnn').save_pretrained(tmp_path / 'plain')
+        load_segmentation_model(tmp_path / 'plain')
+
+
+@pytest.fixture(autouse=True, scope='module')
+def _one_thread():
+    # these tests run many small models: one intra-op thread avoids oversubscribing the 2 shared cores
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
