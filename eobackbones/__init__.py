@@ -14,7 +14,7 @@ _LAZY = {
     'create_model': 'models', 'resolve_model': 'models', 'list_models': 'models', 'list_pretrained': 'models',
     'get_pretrained_cfg': 'models', 'is_model': 'models', 'register_model': 'models', 'register_pretrained': 'models',
     'unregister_model': 'models', 'convert_checkpoint': 'models', 'EOModelMixin': 'models', 'EOBackbone': 'models',
-    'MultiEncoder': 'models',
+    'MultiEncoder': 'models', 'create_segmentation_model': 'models', 'SegmentationModel': 'models',
     'PretrainedCfg': 'cfg', 'Provenance': 'cfg',
     'InputSpec': 'spec', 'ModalitySpec': 'spec', 'ConditionSpec': 'spec', 'CallArg': 'spec',
     'example_input': 'transforms', 'example_call': 'transforms',

@@ -99,6 +99,7 @@ def input_plan(
         train_images: Mapping[str, np.ndarray],
         norm: str = 'auto',
         missing_bands: str = 'error',
+        nan: str = 'fill',
 ) -> Tuple[transforms.Preprocess, Dict[str, str]]:
     """Band selection by name + normalisation for every modality of ``spec``.
 
@@ -139,7 +140,7 @@ def input_plan(
     source = {m.name: list(data_bands[m.name]) for m in spec.modalities}
     if spec.input_format == 'tensor':
         source = source[spec.modalities[0].name]
-    return transforms.for_model(spec, source_bands=source, missing_bands=missing_bands), used
+    return transforms.for_model(spec, source_bands=source, missing_bands=missing_bands, nan=nan), used
 
 
 def target_size(spec: InputSpec, hw: Tuple[int, int], forced: Optional[int] = None) -> Tuple[int, int]:

@@ -59,9 +59,9 @@ class Classifier(nn.Module):
         feats = self.backbone.forward_features(x, **kwargs)
         return self.head(self.backbone.forward_head(feats, pre_logits=True))
 
-    def save_pretrained(self, out: Path) -> Path:
+    def save_pretrained(self, out: Path, note: str = '') -> Path:
         from safetensors.torch import save_model
-        self.backbone.save_pretrained(out)
+        self.backbone.save_pretrained(out, note=note)
         save_model(self.head, str(Path(out) / 'head.safetensors'),
                    metadata=dict(in_features=str(self.head.in_features), num_classes=str(self.head.num_classes),
                                  hidden=str(self.head.hidden)))
@@ -119,10 +119,12 @@ def load_data(args: argparse.Namespace):
     else:
         if args.root is None:
             raise SystemExit(f'error: --dataset {args.dataset} needs --root DIR (torchgeo layout)')
-        from eobackbones.eval.datasets_torchgeo import load_torchgeo
+        from eobackbones.data import load_torchgeo
         data = load_torchgeo(args.dataset, args.root, modalities=keys, download=args.download,
                              max_per_split=args.max_per_split, seed=args.seed)
-    data, report = nan_policy(data, args.nan)
+    # NaN samples: dropped, or kept for the preprocessing's NaN rule (statistics over valid pixels, 0 after
+    # normalisation: transforms.for_model(nan='fill'))
+    data, report = nan_policy(data, 'drop' if args.nan == 'drop' else 'keep')
     return data, report
 
 
@@ -234,7 +236,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
                  **{k_: v for k_, v in history[-1].items() if k_.startswith('val_')})
     if rank == 0:
         out = Path(args.out)
-        core.save_pretrained(out)
+        core.save_pretrained(out, note=f'fine-tuned (classification) on {data.name} for {step} steps')
         (out / 'metrics.json').write_text(json.dumps(dict(
             args=vars(args), world_size=world, normalisation=norm_used, zero_filled=filled, nan_policy=nan_report,
             history=history, final=final), indent=2, default=str))

@@ -37,7 +37,7 @@ import _common as C  # noqa: E402
 
 from eobackbones import finetune  # noqa: E402
 from eobackbones.data.segmentation import load_pastis_mini  # noqa: E402
-from eobackbones.heads import create_segmentation_model  # noqa: E402
+from eobackbones import create_segmentation_model  # noqa: E402
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -141,8 +141,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
     if rank == 0:
         print(f'{args.model} + {args.decoder}: {sum(p.numel() for p in core.parameters()) / 1e6:.2f} M parameters, '
               f'input {size}, normalisation {norm_used}, zero-filled bands {filled or "none"}, {world} process(es); '
-              f'frozen as unused: '
-              f'{len(core.unused_parameters)}; pastis_mini {args.task}: {len(train_rows)} train / '
+              f'pastis_mini {args.task}: {len(train_rows)} train / '
               f'{len(data.indices("val"))} val / {len(data.indices("test"))} test (a smoke test, not a benchmark)')
 
     history, step, t0 = [], 0, time.time()
@@ -183,14 +182,14 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
                  **{k: v for k, v in history[-1].items() if k.startswith('val_')})
     if rank == 0:
         out = Path(args.out)
-        core.save_pretrained(out)
+        core.save_pretrained(out, note=f'fine-tuned (segmentation) on {data.name} for {step} steps')
         (out / 'metrics.json').write_text(json.dumps(dict(
             args=vars(args), world_size=world, normalisation=norm_used, zero_filled=filled, history=history,
             final=final), indent=2, default=str))
         print(f'test mIoU {final["test_miou"]:.3f}  pixel acc {final["test_pixel_acc"]:.3f}  '
               f'balanced acc {final["test_balanced_acc"]:.3f}  (2 test patches: a smoke test, not a benchmark)')
         print('FINAL ' + json.dumps(final), flush=True)
-        print(f'saved to {out} (eobackbones.heads.load_segmentation_model("{out}"))')
+        print(f'saved to {out} (eobackbones.create_model("local-dir:{out}"))')
     C.cleanup_distributed()
     return final
 

@@ -26,7 +26,7 @@ import torch
 from torchgeo.trainers import ClassificationTask, SemanticSegmentationTask
 
 import eobackbones
-from eobackbones.heads import create_segmentation_model
+from eobackbones import create_segmentation_model
 
 
 class EOClassificationTask(ClassificationTask):
@@ -85,7 +85,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     data = load_pastis_mini(('s2',))
     spec = eobackbones.create_model(args.backbone).input_spec
     pre = eobackbones.transforms.for_model(spec.replace_modality(spec.modalities[0].name, normalization=()),
-                                           source_bands=list(data.bands['s2']), missing_bands='zeros')
+                                           source_bands=list(data.bands['s2']), missing_bands='zeros',
+                                           allow_unnormalised=True)  # z-scored below
     x = torch.from_numpy(data.images['s2'])
     x = pre((x - x.mean((0, 2, 3), keepdim=True)) / x.std((0, 2, 3), keepdim=True))  # dataset z-score, model bands
     samples = {split: [dict(image=x[i], mask=torch.from_numpy(data.masks[i])) for i in data.indices(split)]

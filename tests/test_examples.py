@@ -11,7 +11,6 @@ import torch
 
 import eobackbones
 import tiny_models  # noqa: F401  (registers test_dofa / test_tiny_cnn for the in-process runs)
-from eobackbones.heads import load_segmentation_model
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / 'examples'
@@ -39,7 +38,7 @@ def test_segmentation_example_runs_and_saves(tmp_path, capsys):
     assert 'val loss' in printed and 'not a benchmark' in printed and "'image': 'dataset-zscore" in printed
     metrics = json.loads((out / 'metrics.json').read_text())
     assert len(metrics['history']) == 2 and metrics['final'] == final
-    model = load_segmentation_model(out).eval()
+    model = eobackbones.create_model(f'local-dir:{out}').eval()
     assert model.input_spec.modality().bands == ('B02', 'B03', 'B04', 'B05', 'B06', 'B07', 'B08', 'B8A', 'B11', 'B12')
     with torch.no_grad():
         assert model(torch.randn(1, 10, 32, 32)).shape == (1, 3, 32, 32)

@@ -7,7 +7,7 @@ import timm.optim
 import eobackbones
 import tiny_models  # noqa: F401  (registers test_dofa / test_tiny_cnn)
 from eobackbones import finetune
-from eobackbones.heads import create_segmentation_model
+from eobackbones import create_segmentation_model
 
 
 @pytest.fixture(autouse=True, scope='module')
@@ -145,7 +145,7 @@ def test_freeze_backbone_of_segmentation_model_with_bn_stats():
     assert all(p.grad is None for p in model.backbone.parameters())
     finetune.unfreeze(model)
     assert isinstance(model.backbone.bn1, torch.nn.BatchNorm2d) and set(model.state_dict()) == keys
-    assert not model.backbone.proj[0].weight.requires_grad  # frozen as unused, not by freeze()
+    assert model.backbone.proj is None  # pruned: the projection head is not on the segmentation path
 
 
 def test_unreached_parameters():

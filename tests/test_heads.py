@@ -87,9 +87,8 @@ def test_swin_unet_on_resnet_pair_and_missing_modality():
 # ---------------------------------------------------------------- ClassificationHead, dense decoders, SegmentationModel
 import tiny_models  # noqa: E402,F401  (registers test_tiny_cnn / test_dofa)
 from eobackbones.errors import InvalidInputError  # noqa: E402
-from eobackbones.heads import (  # noqa: E402
-    ClassificationHead, FPNHead, LinearSegHead, SegmentationModel, UNetHead, UPerNetHead, create_segmentation_model,
-    load_segmentation_model)
+from eobackbones.heads import ClassificationHead, FPNHead, LinearSegHead, UNetHead, UPerNetHead  # noqa: E402
+from eobackbones import create_segmentation_model  # noqa: E402
 
 
 def _trainable_without_grad(model):
@@ -183,7 +182,6 @@ def test_segmentation_model_shapes_and_backward(name, kwargs, decoders, sizes):
         model = create_segmentation_model(name, 4, decoder, **kwargs)
         assert model.num_classes == 4 and model.input_spec is model.backbone.input_spec
         assert model.pretrained_cfg.architecture == name
-        assert all(n.startswith('backbone.') for n in model.unused_parameters)
         for s in sizes:
             x = eobackbones.example_input(model.input_spec, batch_size=2, image_size=s)
             out = model(x)
@@ -200,7 +198,7 @@ def test_segmentation_model_swin_and_swinunet():
     assert out.shape == (1, 3, 224, 224)
     out.square().mean().backward()
     assert not _trainable_without_grad(model)
-    assert set(model.unused_parameters) == {'backbone.norm.weight', 'backbone.norm.bias'}  # final norm: not on the path
+    assert 'backbone.norm.weight' not in dict(model.named_parameters())  # final norm: pruned, not on the path
     with pytest.raises(ValueError, match='SSL-Swin'):
         create_segmentation_model('test_tiny_cnn', 3, 'swinunet')
     with pytest.raises(ValueError, match='decoder must be one of'):
@@ -222,14 +220,6 @@ def test_segmentation_model_dict_input_and_call_keywords():
     assert a.shape == b.shape == (1, 3, 32, 32) and not torch.allclose(a, b)
 
 
-def test_segmentation_model_features_only_backbone():
-    torch.manual_seed(0)
-    fo = eobackbones.create_model('test_tiny_cnn', features_only=True, out_indices=(1, 2))
-    model = SegmentationModel(fo, 'unet', 3)
-    assert [fi['reduction'] for fi in model.feature_info] == [4, 8]
-    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 3, 32, 32)
-
-
 def test_segmentation_save_pretrained_roundtrip(tmp_path):
     torch.manual_seed(0)
     model = create_segmentation_model('test_dofa', 3, 'upernet', bands=['B04', 'B03', 'B02', 'B08'],
@@ -237,18 +227,19 @@ def test_segmentation_save_pretrained_roundtrip(tmp_path):
     x = torch.randn(2, 4, 32, 32)
     with torch.no_grad():
         ref = model(x)
-    model.save_pretrained(tmp_path / 'seg')
+    model.save_pretrained(tmp_path / 'seg', note='fine-tuned on nothing (test)')
     conf = json.loads((tmp_path / 'seg' / 'config.json').read_text())
-    assert conf['task'] == 'segmentation' and conf['architecture'] == 'test_dofa'
-    assert conf['segmentation'] == dict(num_classes=3, decoder='upernet', decoder_kwargs=dict(channels=32),
-                                        out_indices=[0, 1, 2, 3])
-    loaded = load_segmentation_model(tmp_path / 'seg').eval()
+    assert conf['task'] == 'segmentation' and conf['architecture'] == 'eob_segmentation'
+    assert conf['segmentation'] == dict(backbone='test_dofa', num_classes=3, decoder='upernet',
+                                        decoder_kwargs=dict(channels=32), out_indices=[0, 1, 2, 3])
+    assert (tmp_path / 'seg' / 'README.md').is_file()
+    loaded = eobackbones.create_model(f'local-dir:{tmp_path / "seg"}').eval()  # the one loading path
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), ref, rtol=0, atol=0)
     assert loaded.input_spec.modality().bands == ('B04', 'B03', 'B02', 'B08')
-    with pytest.raises(eobackbones.ManifestError, match='not a segmentation model'):
-        eobackbones.create_model('test_tiny_cnn').save_pretrained(tmp_path / 'plain')
-        load_segmentation_model(tmp_path / 'plain')
+    assert loaded.provenance.kind == 'directory' and loaded.provenance.origin.kind == 'none'
+    five = eobackbones.create_model(f'local-dir:{tmp_path / "seg"}', num_classes=5)  # the one head rule: new decoder
+    assert five.num_classes == 5 and five(x).shape == (2, 5, 32, 32)
 
 
 @pytest.fixture(autouse=True, scope='module')

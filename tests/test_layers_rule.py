@@ -20,9 +20,9 @@ LAYERS = {
     'spec': 2,
     'cfg': 3,
     'hub': 4,
-    'layers': 5,
+    'layers': 5, 'heads': 5,
     'models': 6,
-    'transforms': 7, 'heads': 7, 'pretrain': 7, 'optimize': 7, 'bench': 7, 'eval': 7, 'data': 7, 'finetune': 7,
+    'transforms': 7, 'pretrain': 7, 'optimize': 7, 'bench': 7, 'eval': 7, 'data': 7, 'finetune': 7,
     'integrations': 7,
     'cli': 8,
 }

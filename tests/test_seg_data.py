@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import tiny_models  # noqa: F401  (registers test_dofa)
 from eobackbones.data.segmentation import IGNORE_INDEX, PASTIS_GROUPS3, load_ben_refmap, load_pastis_mini
 from eobackbones import finetune
-from eobackbones.heads import create_segmentation_model
+from eobackbones import create_segmentation_model
 
 SEED = int(os.environ.get('SEG_FIT_SEED', '0'))
 S2 = ('B02', 'B03', 'B04', 'B05', 'B06', 'B07', 'B08', 'B8A', 'B11', 'B12')

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from .datasets import ProbeData, load_bigearthnet_mini, load_folder
+from .segmentation import load_pastis_mini
 from .torchgeo import load_torchgeo
 
 __all__ = ['DataRequest', 'DatasetAdapter', 'DATASETS', 'register_dataset', 'load_dataset', 'list_datasets',
@@ -96,3 +97,6 @@ for _name in ('eurosat', 'bigearthnet', 'bigearthnet-v2', 'so2sat'):
         ('s2',) if _name == 'eurosat' else ('s2', 's1'),
         options=('root', 'download', 'max_per_split', 'strict'), needs_root=True,
         description=f'torchgeo {_name} (install eobackbones[datasets])'))
+register_dataset(DatasetAdapter(
+    'pastis-mini', lambda r: load_pastis_mini(r.modalities), ('s2', 's1'), task='segmentation',
+    description='embedded real PASTIS-R sample: 9 patches, S2 + S1, 32 px at ~40 m, 3-group crop map (a smoke test)'))

@@ -16,6 +16,7 @@ import numpy as np
 __all__ = [
     "ProbeData",
     "SPLITS",
+    "segmentation_data",
     "load_bigearthnet_mini",
     "load_folder",
     "nan_policy",
@@ -66,8 +67,15 @@ class ProbeData:
 
     def __post_init__(self) -> None:
         n = len(self.labels)
-        if self.masks is not None and (self.masks.ndim != 3 or len(self.masks) != n):
-            raise ValueError(f"masks has shape {self.masks.shape}, expected ({n}, H, W)")
+        if self.masks is not None:
+            if self.masks.ndim != 3 or len(self.masks) != n:
+                raise ValueError(f"masks has shape {self.masks.shape}, expected ({n}, H, W)")
+            labelled = self.masks[self.masks != self.ignore_index] if self.ignore_index is not None else self.masks
+            if labelled.size and (labelled.min() < 0 or labelled.max() >= len(self.label_names)):
+                raise ValueError(f"mask values must be in [0, {len(self.label_names)}) or {self.ignore_index}")
+            for m, x in self.images.items():
+                if x.shape[-2:] != self.masks.shape[-2:]:
+                    raise ValueError(f"images[{m!r}] is {x.shape[-2:]} but masks are {self.masks.shape[-2:]}")
         for k, v in self.conditions.items():
             if v.ndim != 2 or len(v) != n:
                 raise ValueError(f"conditions[{k!r}] has shape {v.shape}, expected ({n}, k)")
@@ -94,6 +102,19 @@ class ProbeData:
     @property
     def task(self) -> str:
         return "segmentation" if self.masks is not None else "classification"
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.label_names
+
+    def class_frequencies(self, split: str | None = None) -> np.ndarray:
+        """Fraction of labelled pixels per class, in one split or overall (segmentation sets)."""
+        if self.masks is None:
+            raise ValueError(f"{self.name} has no per-pixel masks")
+        m = self.masks if split is None else self.masks[self.split == split]
+        if self.ignore_index is not None:
+            m = m[m != self.ignore_index]
+        return np.bincount(m.ravel(), minlength=self.num_classes) / max(1, m.size)
 
     def indices(self, split: str) -> np.ndarray:
         """Row indices of one split."""
@@ -128,6 +149,17 @@ class ProbeData:
         if missing:
             raise KeyError(f"{modality} has no bands {missing}; available: {have}")
         return self.images[modality][:, [have.index(b) for b in names]]
+
+
+def segmentation_data(masks: np.ndarray, ignore_index: int, class_names: Sequence[str], **fields: Any) -> ProbeData:
+    """A :class:`ProbeData` for per-pixel labels: ``labels`` is the per-image presence multi-hot of the classes."""
+    k = len(class_names)
+    valid = masks != ignore_index
+    labels = np.zeros((len(masks), k), dtype=np.int64)
+    for i in range(len(masks)):
+        labels[i, np.unique(masks[i][valid[i]])] = 1
+    return ProbeData(labels=labels, label_names=tuple(class_names), multilabel=True, masks=masks,
+                     ignore_index=ignore_index, **fields)
 
 
 def load_bigearthnet_mini(modalities: Sequence[str] = ("s2",)) -> ProbeData:

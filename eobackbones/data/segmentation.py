@@ -4,110 +4,27 @@ Real Sentinel-2 / Sentinel-1 pixels with real per-pixel labels, tiny: a smoke te
 heads and fine-tuning, **not a benchmark**. Provenance, licences (PASTIS-R CC-BY-4.0, BigEarthNet
 CDLA-Permissive-1.0), attribution and caveats: ``SEG_MINI.md`` next to this file.
 
-Every loader returns a :class:`SegmentationData`: images per modality (N, C, H, W) float32 with band names
-and units, per-pixel ``masks`` (N, H, W) int64, the ``ignore_index`` those masks use for unlabelled pixels,
-class names and the official split.
+Every loader returns a :class:`~eobackbones.data.ProbeData` with per-pixel ``masks`` (N, H, W) int64, the
+``ignore_index`` those masks use for unlabelled pixels, class names (``label_names``), images per modality
+(N, C, H, W) float32 with band names and units, and the official split.
 """
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any, Sequence, Union
+from typing import Sequence, Union
 
 import numpy as np
 
-__all__ = ["SegmentationData", "load_pastis_mini", "load_ben_refmap", "PASTIS_GROUPS3", "IGNORE_INDEX"]
+from .datasets import ProbeData, segmentation_data
 
-SPLITS = ("train", "val", "test")
+__all__ = ["load_pastis_mini", "load_ben_refmap", "PASTIS_GROUPS3", "IGNORE_INDEX"]
+
 IGNORE_INDEX = 255
 _FILE = "seg_mini.npz"
 _PASTIS_VOID = 19
 # the 3-group task: background (0), meadow (1), and every crop class (2..18) -> crop; void ignored
 PASTIS_GROUPS3 = ("Background", "Meadow", "Crop")
 _UNITS = {"s2": "reflectance_1e4", "s1": "dB", "s1_asc": "dB", "s1_desc": "dB"}
-
-
-@dataclass
-class SegmentationData:
-    """A labelled segmentation dataset held in memory (the per-pixel sibling of ``ProbeData``).
-
-    Attributes:
-        name: Dataset name.
-        images: Modality -> (N, C, H, W) float32 array.
-        bands: Modality -> band names in channel order.
-        units: Modality -> unit (``reflectance_1e4``, ``dB``).
-        masks: (N, H, W) int64 class index per pixel; ``ignore_index`` where unlabelled.
-        ignore_index: Mask value to exclude from losses and metrics.
-        class_names: Class names, index = mask value.
-        split: (N,) str array with values in ``("train", "val", "test")``.
-        groups: Optional (N,) group ids (S2 tile), for grouped cross-validation.
-        ids: Optional (N,) sample ids.
-        meta: Provenance and loading choices (dates, date policy, task, GSD, caveats).
-    """
-
-    name: str
-    images: dict[str, np.ndarray]
-    bands: dict[str, tuple[str, ...]]
-    units: dict[str, str]
-    masks: np.ndarray
-    ignore_index: int
-    class_names: tuple[str, ...]
-    split: np.ndarray
-    groups: np.ndarray | None = None
-    ids: np.ndarray | None = None
-    meta: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        n = len(self.masks)
-        if self.masks.ndim != 3:
-            raise ValueError(f"masks must be (N, H, W), got shape {self.masks.shape}")
-        for m, x in self.images.items():
-            if x.ndim != 4 or len(x) != n or x.shape[-2:] != self.masks.shape[-2:]:
-                raise ValueError(f"images[{m!r}] has shape {x.shape}, expected ({n}, C, {self.masks.shape[1]}, "
-                                 f"{self.masks.shape[2]})")
-            if x.shape[1] != len(self.bands[m]):
-                raise ValueError(f"images[{m!r}] has {x.shape[1]} channels but {len(self.bands[m])} band names")
-        if len(self.split) != n or (self.groups is not None and len(self.groups) != n):
-            raise ValueError("split/groups length does not match the number of samples")
-        bad = set(np.unique(self.split)) - set(SPLITS)
-        if bad:
-            raise ValueError(f"unknown split values {sorted(bad)}; expected {SPLITS}")
-        labelled = self.masks[self.masks != self.ignore_index]
-        if labelled.size and (labelled.min() < 0 or labelled.max() >= len(self.class_names)):
-            raise ValueError(f"mask values must be in [0, {len(self.class_names)}) or {self.ignore_index}")
-
-    def __len__(self) -> int:
-        return len(self.masks)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    def indices(self, split: str) -> np.ndarray:
-        """Row indices of one split."""
-        return np.flatnonzero(self.split == split)
-
-    def subset(self, index: np.ndarray) -> SegmentationData:
-        """Rows selected by an index or boolean mask (a new object; arrays are copied)."""
-        return dataclasses.replace(
-            self, images={m: x[index] for m, x in self.images.items()}, masks=self.masks[index],
-            split=self.split[index], groups=None if self.groups is None else self.groups[index],
-            ids=None if self.ids is None else self.ids[index], meta=dict(self.meta))
-
-    def select_bands(self, modality: str, names: Sequence[str]) -> np.ndarray:
-        """Channels of ``modality`` reordered to ``names`` (mapping by name, never by position)."""
-        have = self.bands[modality]
-        missing = [b for b in names if b not in have]
-        if missing:
-            raise KeyError(f"{modality} has no bands {missing}; available: {have}")
-        return self.images[modality][:, [have.index(b) for b in names]]
-
-    def class_frequencies(self, split: str | None = None) -> np.ndarray:
-        """Fraction of labelled pixels per class (in one split, or overall)."""
-        m = self.masks if split is None else self.masks[self.split == split]
-        m = m[m != self.ignore_index]
-        return np.bincount(m.ravel(), minlength=self.num_classes) / max(1, m.size)
 
 
 def _open():
@@ -137,7 +54,7 @@ def load_pastis_mini(
         date: Union[str, int] = "median",
         task: str = "groups3",
         s1_orbit: str = "asc",
-) -> SegmentationData:
+) -> ProbeData:
     """Load the 9 PASTIS-R patches (32 x 32 px at about 40 m, France, autumn 2018; labels: 2019 crop types).
 
     Args:
@@ -184,14 +101,12 @@ def load_pastis_mini(
             names = class_names[:_PASTIS_VOID]
         masks[void] = IGNORE_INDEX
         split = np.where(z["pastis_split"] == "validation", "val", z["pastis_split"]).astype(str)
-        return SegmentationData(
+        return segmentation_data(
+            masks, IGNORE_INDEX, names,
             name=f"pastis_mini_{task}",
             images=images,
             bands=bands,
             units={m: _UNITS[m] for m in modalities},
-            masks=masks,
-            ignore_index=IGNORE_INDEX,
-            class_names=tuple(names),
             split=split,
             groups=z["pastis_tile"].astype(str),
             ids=z["pastis_patch_id"],
@@ -203,7 +118,7 @@ def load_pastis_mini(
         )
 
 
-def load_ben_refmap(modalities: Sequence[str] = ("s2",), labels: str = "ben19") -> SegmentationData:
+def load_ben_refmap(modalities: Sequence[str] = ("s2",), labels: str = "ben19") -> ProbeData:
     """Load the one BigEarthNet v2 patch with its per-pixel CORINE reference map (120 x 120 px at 10 m, Austria).
 
     The same patch as BigEarthNet-mini index 0 (official split: test).
@@ -230,14 +145,12 @@ def load_ben_refmap(modalities: Sequence[str] = ("s2",), labels: str = "ben19") 
             lut = {int(c): i for i, c in enumerate(codes)}
             masks = np.vectorize(lambda c: lut.get(int(c), IGNORE_INDEX))(clc).astype(np.int64)
             names = tuple(str(s) for s in z["ben_clc_names"])
-        return SegmentationData(
+        return segmentation_data(
+            masks, IGNORE_INDEX, names,
             name=f"ben_refmap_{labels}",
             images=images,
             bands=bands,
             units={m: _UNITS[m] for m in modalities},
-            masks=masks,
-            ignore_index=IGNORE_INDEX,
-            class_names=names,
             split=np.array(["test"]),
             groups=np.array(["33UUP"]),
             ids=z["ben_patch_id"].astype(str),

@@ -48,6 +48,7 @@ from torch import nn
 from .._io import git_commit
 from ..data.catalog import DATASETS, DataRequest, check_request, list_datasets, load_dataset
 from ..data.datasets import nan_policy, subsample_labels
+from ..heads import LinearSegHead
 from ..errors import (
     CheckpointFormatError, ChecksumMismatchError, EOBackbonesError, MissingModalityError, UnknownBandError,
     UnknownModelError, WeightsNotFoundError, first_line)
@@ -383,35 +384,35 @@ def fit_segmentation_probe(
     m = {s: torch.as_tensor(np.asarray(v), dtype=torch.long, device=dev) for s, v in masks.items()}
     ign = -100 if ignore_index is None else ignore_index
 
-    def fit(xs: torch.Tensor, ys: torch.Tensor, wd: float) -> Tuple[nn.Conv2d, torch.Tensor, torch.Tensor]:
-        mean = xs.mean((0, 2, 3), keepdim=True)
-        std = xs.std((0, 2, 3), keepdim=True, unbiased=False).clamp_min(1e-6)
+    def fit(xs: torch.Tensor, ys: torch.Tensor, wd: float) -> LinearSegHead:
+        # the probe's head is the package's linear segmentation head (heads.LinearSegHead): standardised features,
+        # a 1x1 conv, logits upsampled to the masks
+        head = LinearSegHead((xs.shape[1],), (1.0,), num_classes).to(dev)
+        head.set_feature_stats(xs.mean((0, 2, 3)), xs.std((0, 2, 3), unbiased=False).clamp_min(1e-6))
         g = torch.Generator().manual_seed(seed)
-        conv = nn.Conv2d(xs.shape[1], num_classes, 1).to(dev)
         with torch.no_grad():
-            conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) * 0.01)
-            conv.bias.zero_()
-        opt = torch.optim.AdamW(conv.parameters(), lr=lr, weight_decay=wd)
-        xn = (xs - mean) / std
+            head.conv.weight.copy_(torch.randn(head.conv.weight.shape, generator=g) * 0.01)
+            head.conv.bias.zero_()
+        opt = torch.optim.AdamW(head.conv.parameters(), lr=lr, weight_decay=wd)
         for _ in range(epochs):
             opt.zero_grad()
-            logits = F.interpolate(conv(xn), size=ys.shape[-2:], mode='bilinear', align_corners=False)
+            logits = F.interpolate(head(xs), size=ys.shape[-2:], mode='bilinear', align_corners=False)
             F.cross_entropy(logits, ys, ignore_index=ign).backward()
             opt.step()
-        return conv, mean, std
+        return head
 
     @torch.no_grad()
-    def predict(conv, mean, std, xs, size) -> np.ndarray:
-        z = F.interpolate(conv((xs - mean) / std), size=size, mode='bilinear', align_corners=False)
+    def predict(head: LinearSegHead, xs: torch.Tensor, size) -> np.ndarray:
+        z = F.interpolate(head(xs), size=size, mode='bilinear', align_corners=False)
         return z.argmax(1).cpu().numpy()
 
     val_scores = {}
     for wd in wd_grid:
-        conv, mu, sd = fit(t['train'], m['train'], wd)
-        val_scores[wd] = miou(predict(conv, mu, sd, t['val'], m['val'].shape[-2:]), masks['val'], num_classes, ignore_index)
+        head = fit(t['train'], m['train'], wd)
+        val_scores[wd] = miou(predict(head, t['val'], m['val'].shape[-2:]), masks['val'], num_classes, ignore_index)
     best = max(wd_grid, key=lambda w: (np.nan_to_num(val_scores[w], nan=-1.0), w))
-    conv, mu, sd = fit(torch.cat([t['train'], t['val']]), torch.cat([m['train'], m['val']]), best)
-    pred = predict(conv, mu, sd, t['test'], m['test'].shape[-2:])
+    head = fit(torch.cat([t['train'], t['val']]), torch.cat([m['train'], m['val']]), best)
+    pred = predict(head, t['test'], m['test'].shape[-2:])
     y_test = np.asarray(masks['test'])
     out = dict(miou=miou(pred, y_test, num_classes, ignore_index), weight_decay=best,
                val_scores={str(k): v for k, v in val_scores.items()}, pred=pred)

@@ -1,7 +1,9 @@
 """The registry API and every model family (each registers its entrypoints and converters on import)."""
 from ._base import EOBackbone, EOModelMixin
 from ._builder import build_model_with_cfg, load_state_dict_strict
-from ._factory import ResolvedModel, convert_checkpoint, create_model, parse_model_name, resolve_model
+from ._factory import (
+    ResolvedModel, convert_checkpoint, create_model, create_segmentation_model, parse_model_name, resolve_model)
+from ._segmentation import SegmentationModel
 from ._features import FeatureGetter
 from ._multi import MultiEncoder
 from ._registry import (

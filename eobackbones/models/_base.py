@@ -97,8 +97,10 @@ class EOModelMixin:
 
     @property
     def provenance(self) -> Provenance:
-        """The weights this instance holds; ``trained`` once any parameter changed after they were recorded."""
-        if self._weights_stamp is not None and self._stamp() != self._weights_stamp:
+        """The weights this instance holds; ``trained`` once any parameter changed (or a new one appeared) after they
+        were recorded. Removing parameters (pruning to a feature pyramid) changes no weight."""
+        stamp = self._weights_stamp
+        if stamp is not None and any(stamp.get(n) != v for n, v in self._stamp().items()):
             return Provenance('trained', origin=self._provenance, note='modified after loading (trained or fine-tuned)')
         return self._provenance
 

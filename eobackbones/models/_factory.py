@@ -3,7 +3,7 @@ import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -15,10 +15,13 @@ from ..hub.weights import ConvertTarget, get_converter, manual_dir, read_model_d
 from ..spec import InputSpec
 from ._base import TIMM_PREFIX
 from ._builder import _materialize, load_state_dict_strict
+from ._segmentation import (
+    DECODERS, SEGMENTATION_TASK, SegmentationModel, build_segmentation_from_dir, segmentation_builder)
 from ._registry import (
     _ensure_manifest, default_tag, get_arch_cfg, get_pretrained_cfg, list_tags, model_entrypoint, split_model_name_tag)
 
-__all__ = ['create_model', 'parse_model_name', 'resolve_model', 'ResolvedModel', 'convert_checkpoint']
+__all__ = ['create_model', 'create_segmentation_model', 'parse_model_name', 'resolve_model', 'ResolvedModel',
+           'convert_checkpoint']
 
 _logger = logging.getLogger(__name__)
 _PREFIXES = ('hf-hub:', 'local-dir:')
@@ -48,6 +51,7 @@ class ResolvedModel:
     cfg: Optional[PretrainedCfg]
     pretrained: bool
     name: str
+    segmentation: Optional[Dict[str, Any]] = None  # a saved segmentation model: backbone, decoder, classes ...
 
     @property
     def weights(self) -> str:
@@ -60,10 +64,14 @@ def _arch_of_config(conf: Dict[str, Any]) -> str:
     return arch[len(TIMM_PREFIX):] if conf.get('format') != 'eobackbones/1' and arch.startswith(TIMM_PREFIX) else arch
 
 
-def _dir_cfg(uri: str) -> Tuple[str, PretrainedCfg]:
-    """The cfg of a ``save_pretrained`` directory: its architecture's defaults + what it recorded about itself."""
+def _dir_cfg(uri: str) -> Tuple[str, PretrainedCfg, Optional[Dict[str, Any]]]:
+    """The cfg of a ``save_pretrained`` directory: its architecture's defaults + what it recorded about itself
+    (and, for a segmentation model, its ``segmentation`` section; the architecture is then the backbone's)."""
     conf, _, canonical = read_model_dir(uri)
-    arch = _arch_of_config(conf)
+    seg = conf.get('segmentation') if conf.get('task') == SEGMENTATION_TASK else None
+    if conf.get('task', SEGMENTATION_TASK) == SEGMENTATION_TASK and seg is not None and not isinstance(seg, dict):
+        raise ManifestError(f'{canonical}: config.json has a bad segmentation section')
+    arch = seg['backbone'] if seg else _arch_of_config(conf)
     model_entrypoint(arch)  # unknown architecture: close matches
     base = get_pretrained_cfg(arch) or PretrainedCfg(arch)
     try:
@@ -75,7 +83,7 @@ def _dir_cfg(uri: str) -> Tuple[str, PretrainedCfg]:
         base, tag='', source=DirSource(canonical, conf.get('weights_sha256')), format='safetensors', converter=None,
         model_args=dict(conf.get('model_args') or {}), input_spec=spec, num_classes=int(num_classes or 0),
         license=conf.get('license', base.license), paper=conf.get('paper', base.paper))
-    return arch, cfg
+    return arch, cfg, seg
 
 
 def resolve_model(name: str, pretrained: Union[bool, str, None] = False) -> ResolvedModel:
@@ -92,8 +100,8 @@ def resolve_model(name: str, pretrained: Union[bool, str, None] = False) -> Reso
     """
     source, rest = parse_model_name(name)
     if source != 'registry':
-        arch, cfg = _dir_cfg(name)
-        return ResolvedModel(arch, cfg, True, cfg.source.uri)
+        arch, cfg, seg = _dir_cfg(name)
+        return ResolvedModel(arch, cfg, True, cfg.source.uri, seg)
     arch, tag = split_model_name_tag(rest)
     model_entrypoint(arch)  # raises with close matches
     _ensure_manifest()
@@ -134,7 +142,57 @@ def create_model(
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     kwargs.pop('pretrained_cfg', None)
     r = resolve_model(model_name, pretrained)
+    if r.segmentation is not None:
+        return build_segmentation_from_dir(r.arch, r.cfg, r.segmentation, **kwargs)
     return model_entrypoint(r.arch)(pretrained=r.pretrained, pretrained_cfg=r.cfg, **kwargs)
+
+
+def create_segmentation_model(
+        backbone: str,
+        num_classes: int,
+        decoder: str = 'fpn',
+        pretrained: Union[bool, str] = False,
+        out_indices: Optional[Sequence[int]] = None,
+        decoder_kwargs: Optional[Dict[str, Any]] = None,
+        **backbone_kwargs: Any,
+) -> SegmentationModel:
+    """A segmentation model: a backbone by name + a decoder, logits at the input resolution.
+
+    ``save_pretrained`` writes one directory that ``create_model('local-dir:...')`` / ``hf-hub:`` load back.
+
+    Args:
+        backbone: a registered name (``'dofa_base'``, ``'dualsimclr_resnet18'``) or a ``local-dir:`` / ``hf-hub:``
+            backbone directory.
+        num_classes: output classes.
+        decoder: ``'fpn'``, ``'upernet'``, ``'unet'``, ``'linear'``, or ``'swinunet'`` (SSL-Swin backbones only).
+        pretrained: backbone weights (as ``create_model``).
+        out_indices: ``feature_info`` levels the decoder reads (default: all).
+        decoder_kwargs: decoder constructor arguments (``channels=`` ...).
+        **backbone_kwargs: backbone arguments (``bands=``, ``wavelengths=``, ``missing=``, ``img_size=`` ...).
+
+    Raises:
+        ValueError: unknown decoder, ``swinunet`` on a backbone that is not an SSL-Swin model, or ``features_only``.
+    """
+    if decoder not in DECODERS:
+        raise ValueError(f'decoder must be one of {list(DECODERS)}, got {decoder!r}')
+    if backbone_kwargs.get('features_only'):
+        raise ValueError('create_segmentation_model builds the backbone itself; drop features_only=')
+    r = resolve_model(backbone, pretrained)
+    if r.segmentation is not None:
+        raise ValueError(f'{backbone} is a segmentation model already; load it with create_model')
+    if decoder == 'swinunet' and not r.arch.startswith('sslswin'):
+        raise ValueError(f'decoder="swinunet" is the SSL-Swin models\' decoder (sslswin_tiny, sslswin_tiny_s1, '
+                         f'sslswin_tiny_s2); {r.arch} takes "fpn", "upernet", "unet" or "linear"')
+    bb = create_model(backbone, pretrained=pretrained, **backbone_kwargs)
+    model = SegmentationModel(bb, decoder, num_classes, out_indices, decoder_kwargs)
+    model.pretrained_cfg = bb.pretrained_cfg
+    model.model_args = dict(bb.model_args)
+    model._builder = (segmentation_builder(r.arch, bb.pretrained_cfg, decoder, num_classes, out_indices, decoder_kwargs),
+                      dict(bb.model_args))
+    prov = bb.provenance
+    # the backbone's weights; the decoder is new (changes after this show as training)
+    model.mark_weights(prov if prov.kind == 'none' else dataclasses.replace(prov, note='new segmentation decoder'))
+    return model
 
 
 # ----------------------------------------------------------------------------------------------- convert

@@ -20,7 +20,7 @@ __all__ = ['MultiEncoder']
 
 def _prefix(pattern: str, name: str) -> str:
     """Anchor a timm group-matcher regex under ``<name>.`` (alternations kept inside a non-capturing group)."""
-    body = pattern[1:] if pattern.startswith('^') else pattern
+    body = re.sub(r'(^|(?<!\\)\|)\^', r'\1', pattern)  # every branch's own anchor: '^a|^b' -> 'a|b'
     return rf'^{re.escape(name)}\.(?:{body})'
 
 
@@ -219,7 +219,8 @@ class MultiEncoder(EOModelMixin, nn.Module):
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
-        """The encoders' matchers under their modality prefix: a block's depth is shared across modalities."""
+        """The encoders' matchers under their modality prefix: a block's depth is shared across modalities; the
+        classifier, unmatched, is the head (timm's last group)."""
         stems, blocks = [], []
         for m, enc in self.encoders.items():
             gm = enc.group_matcher(coarse)
@@ -227,5 +228,4 @@ class MultiEncoder(EOModelMixin, nn.Module):
             b = gm['blocks']
             for pattern, suffix in ([(b, None)] if isinstance(b, str) else b):
                 blocks.append((_prefix(pattern, m), suffix))
-        blocks.append((r'^head', (99999,)))
         return dict(stem='|'.join(stems), blocks=blocks)

@@ -47,7 +47,7 @@ from ..errors import CheckpointFormatError, InvalidInputError, MissingModalityEr
 from ..layers.timestep import SR3NoiseLevelEncoding, openai_timestep_embedding
 from ..spec import InputSpec, ModalitySpec
 from ._base import EOModelMixin
-from ._builder import load_state_dict_strict
+from ._builder import _materialize, load_state_dict_strict
 from ._features import feature_take_indices
 
 __all__ = [
@@ -1333,7 +1333,6 @@ def load_lontke_checkpoint(checkpoint: Union[str, Path, Mapping[str, torch.Tenso
     Raises:
         CheckpointFormatError: unreadable file, unknown / missing keys or shape mismatches.
     """
-    from ._builder import _materialize
     sd = checkpoint if isinstance(checkpoint, Mapping) else read_lightning_checkpoint(checkpoint)
     if arch not in ARCH_ARGS:
         raise CheckpointFormatError(f'unknown Lontke release {arch!r}; known: {list(ARCH_ARGS)}')
