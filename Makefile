@@ -18,7 +18,8 @@ demo: $(BIN)/.installed
 	EOBACKBONES_OFFLINE=1 $(BIN)/eobackbones probe --model dofa_base --norm dataset-zscore --out probe_out
 
 test: $(BIN)/.installed
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	# passive OpenMP threads: spinning workers starve each other (and the test servers) on small shared machines
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q -p no:cacheprovider
 
 clean:
 	rm -rf $(VENV) probe_out

@@ -6,7 +6,8 @@ Weight sources (``PretrainedCfg.source``):
 
 * :class:`HubSource`: a file in a Hugging Face Hub repository at a pinned commit, verified by sha256;
 * :class:`ManualSource`: published only outside the Hub (installed with ``eobackbones convert``);
-* :class:`DirSource`: a ``save_pretrained`` directory, local (``local-dir:``) or a Hub repository (``hf-hub:``).
+* :class:`DirSource`: a ``save_pretrained`` directory, local (``local-dir:``) or a Hub repository (``hf-hub:``);
+* :class:`FileSource`: a local checkpoint file, read through the family's converter.
 """
 import dataclasses
 import re
@@ -16,7 +17,7 @@ from typing import Any, Dict, Mapping, Optional, Union
 from .errors import ManifestError
 from .spec import InputSpec
 
-__all__ = ['HubSource', 'ManualSource', 'DirSource', 'WeightSource', 'PretrainedCfg', 'Provenance']
+__all__ = ['HubSource', 'ManualSource', 'DirSource', 'FileSource', 'WeightSource', 'PretrainedCfg', 'Provenance']
 
 _HEX40 = re.compile(r'^[0-9a-f]{40}$')
 _HEX = re.compile(r'^[0-9a-f]+$')
@@ -80,7 +81,17 @@ class DirSource:
         return self.uri
 
 
-WeightSource = Union[HubSource, ManualSource, DirSource]
+@dataclass(frozen=True)
+class FileSource:
+    """A local checkpoint file (an upstream file read through the family's converter, or our own keys):
+    ``create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=...))`` or ``checkpoint_path=``."""
+    path: str
+
+    def describe(self) -> str:
+        return f'file {self.path}'
+
+
+WeightSource = Union[HubSource, ManualSource, DirSource, FileSource]
 
 
 @dataclass(frozen=True)
@@ -132,8 +143,8 @@ class PretrainedCfg:
 
     @property
     def has_weights(self) -> bool:
-        """True when the weights can be fetched automatically (a Hub file or a saved directory)."""
-        return isinstance(self.source, (HubSource, DirSource))
+        """True when the weights can be fetched automatically (a Hub file, a saved directory or a local file)."""
+        return isinstance(self.source, (HubSource, DirSource, FileSource))
 
     @property
     def has_source(self) -> bool:
@@ -144,6 +155,45 @@ class PretrainedCfg:
         d['source'] = dataclasses.asdict(self.source) if self.source is not None else None
         d['input_spec'] = self.input_spec.to_dict() if self.input_spec is not None else None
         return d
+
+    # ------------------------------------------------------------------ timm's view
+    # timm's data helpers (resolve_data_config, resolve_model_data_config) read a model's pretrained_cfg as a mapping
+    # of timm keys; this typed cfg answers them from its input spec. mean / std are given only where the spec's
+    # normalisation is a plain per-band mean/std; otherwise they are identity (0 / 1) and the EO normalisation comes
+    # from eobackbones.transforms.create_transform (never ImageNet statistics by default).
+
+    def timm_dict(self) -> Dict[str, Any]:
+        """This cfg in timm's ``pretrained_cfg`` keys."""
+        spec = self.input_spec
+        out: Dict[str, Any] = dict(architecture=self.architecture, tag=self.tag or None, num_classes=self.num_classes,
+                                   interpolation='bilinear', crop_pct=1.0, crop_mode='center', license=self.license,
+                                   paper_ids=self.paper, notes=self.notes or None)
+        if spec is not None:
+            m = spec.modalities[0]
+            chans = sum(x.in_chans for x in spec.modalities)
+            out.update(input_size=(chans, *m.image_size), fixed_input_size=bool(m.fixed_size))
+            steps = m.normalization
+            if len(spec.modalities) == 1 and len(steps) == 1 and steps[0]['op'] == 'meanstd':
+                out.update(mean=tuple(steps[0]['mean']), std=tuple(steps[0]['std']))
+            else:
+                out.update(mean=(0.0,) * chans, std=(1.0,) * chans)
+        return out
+
+    def __getitem__(self, key: str) -> Any:
+        d = self.timm_dict()
+        if key not in d:
+            raise KeyError(key)
+        return d[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        v = self.timm_dict().get(key)
+        return default if v is None else v
+
+    def __contains__(self, key: str) -> bool:
+        return self.timm_dict().get(key) is not None
+
+    def keys(self):
+        return [k for k, v in self.timm_dict().items() if v is not None]
 
 
 @dataclass(frozen=True)

@@ -11,10 +11,16 @@ NaN rule (the same in the probe): ``nan='error'`` (default) refuses non-finite p
 count; ``nan='fill'`` computes per-sample statistics over the finite pixels only and sets the non-finite pixels to
 0 *after* normalisation (the mean under a z-score, mid-range under min-max to [-1, 1]); ``last_filled`` counts them.
 A NaN never silently turns a whole channel into NaN.
+
+``create_transform(model)`` is the tensor counterpart of timm's ``create_transform``: the above, then resizing and
+cropping every modality to the size the spec states, with one window for all modalities of a sample (they stay
+co-registered) and nearest-neighbour resampling for categorical layers (class maps).
 """
+import math
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .errors import InvalidInputError, MissingModalityError, NormalisationError, UnknownBandError
@@ -22,7 +28,7 @@ from .sensors import get_sensor, resolve_band, suggest_band
 from .spec import ConditionSpec, InputSpec, ModalitySpec
 
 __all__ = ['NormalizeModality', 'NormalizeCondition', 'Preprocess', 'for_model', 'example_input', 'example_call',
-           'spec_of', 'check_source_bands', 'NAN_POLICIES']
+           'spec_of', 'check_source_bands', 'NAN_POLICIES', 'SpatialTransform', 'create_transform']
 
 NAN_POLICIES = ('error', 'fill')
 
@@ -183,10 +189,10 @@ class Preprocess(nn.Module):
             bare = [m for m in spec.modalities if not m.normalization]
             if bare:
                 m = bare[0]
+                why = m.notes or f'unit {m.unit}; normalise the data yourself (e.g. dataset z-score)'
                 raise NormalisationError(
-                    f'{m.name}: the model\'s input spec states no normalisation for bands {list(m.bands)} '
-                    f'({m.notes or "unit " + m.unit}); normalise the data yourself (e.g. dataset z-score) or pass '
-                    f'allow_unnormalised=True to feed values unchanged')
+                    f'{m.name}: the model\'s input spec states no normalisation for bands {list(m.bands)} ({why}); '
+                    f'then pass allow_unnormalised=True to feed the values unchanged')
         self.spec = spec
         self.missing_bands = missing_bands
         self.norms = nn.ModuleDict({m.name: NormalizeModality(m, nan) for m in spec.modalities})
@@ -313,3 +319,155 @@ def example_input(
 ) -> Union[torch.Tensor, Dict[str, torch.Tensor]]:
     """The image part of :func:`example_call` (``model(example_input(model))`` runs for models without conditions)."""
     return example_call(model_or_spec, batch_size, image_size, seed, device)[0]
+
+
+class SpatialTransform(nn.Module):
+    """Resize / crop every modality of a batch to its target size with one window per sample (co-registered).
+
+    Eval (timm's rule): resize the short side to ``size / crop_pct``, centre-crop ``size``. Training: a random
+    window of ``scale`` x the area and aspect ``ratio``, resized to ``size``, then random horizontal and vertical
+    flips (overhead imagery has no "up"). The window is drawn in relative coordinates once per sample and applied
+    to every modality at its own resolution. Categorical modalities (class maps) are resampled nearest-neighbour.
+    """
+
+    def __init__(
+            self,
+            sizes: Mapping[str, Tuple[int, int]],
+            categorical: Sequence[str] = (),
+            is_training: bool = False,
+            crop_pct: float = 1.0,
+            scale: Tuple[float, float] = (0.08, 1.0),
+            ratio: Tuple[float, float] = (3 / 4, 4 / 3),
+            hflip: float = 0.5,
+            vflip: float = 0.5,
+            interpolation: str = 'bilinear',
+    ):
+        super().__init__()
+        if not 0 < crop_pct <= 1:
+            raise ValueError(f'crop_pct must be in (0, 1], got {crop_pct}')
+        if interpolation not in ('bilinear', 'bicubic', 'nearest', 'area'):
+            raise ValueError(f'interpolation must be bilinear, bicubic, nearest or area, got {interpolation!r}')
+        self.sizes = {k: tuple(v) for k, v in sizes.items()}
+        self.categorical = set(categorical)
+        self.is_training = is_training
+        self.crop_pct, self.scale, self.ratio = crop_pct, scale, ratio
+        self.hflip, self.vflip, self.interpolation = hflip, vflip, interpolation
+
+    def _window(self, h: int, w: int, out: Tuple[int, int], generator: Optional[torch.Generator]):
+        """(top, left, height, width) as fractions of the image, and the flips."""
+        if not self.is_training:
+            # resize so the target is crop_pct of the short side (aspect kept), then take the centre
+            th, tw = out
+            s = max(th / h, tw / w) / self.crop_pct
+            ch, cw = min(1.0, th / (h * s)), min(1.0, tw / (w * s))
+            return (1 - ch) / 2, (1 - cw) / 2, ch, cw, False, False
+        u = lambda: float(torch.rand((), generator=generator))  # noqa: E731
+        for _ in range(10):  # torchvision's RandomResizedCrop rule, in fractions
+            area = self.scale[0] + (self.scale[1] - self.scale[0]) * u()
+            logr = math.log(self.ratio[0]) + (math.log(self.ratio[1]) - math.log(self.ratio[0])) * u()
+            r = math.exp(logr) * (h / w)  # aspect of the window in pixels -> in fractions
+            ch, cw = math.sqrt(area / r), math.sqrt(area * r)
+            if ch <= 1 and cw <= 1:
+                return u() * (1 - ch), u() * (1 - cw), ch, cw, u() < self.hflip, u() < self.vflip
+        return 0.0, 0.0, 1.0, 1.0, u() < self.hflip, u() < self.vflip
+
+    def _apply(self, name: str, x: torch.Tensor, win) -> torch.Tensor:
+        top, left, ch, cw, hf, vf = win
+        h, w = x.shape[-2:]
+        y0, x0 = int(round(top * h)), int(round(left * w))
+        y1, x1 = max(y0 + 1, int(round((top + ch) * h))), max(x0 + 1, int(round((left + cw) * w)))
+        x = x[..., y0:y1, x0:x1]
+        size = self.sizes[name]
+        if tuple(x.shape[-2:]) != size:
+            mode = 'nearest' if name in self.categorical else self.interpolation
+            dtype = x.dtype
+            x = F.interpolate(x.float(), size=size, mode=mode,
+                              **({} if mode in ('nearest', 'area') else dict(align_corners=False, antialias=True)))
+            x = x.to(dtype) if not dtype.is_floating_point else x
+        if hf:
+            x = x.flip(-1)
+        if vf:
+            x = x.flip(-2)
+        return x
+
+    def forward(self, x: Union[torch.Tensor, Mapping[str, torch.Tensor]],
+                generator: Optional[torch.Generator] = None):
+        single = not isinstance(x, Mapping)
+        batch = {next(iter(self.sizes)): x} if single else {k: v for k, v in x.items() if v is not None}
+        unknown = [k for k in batch if k not in self.sizes]
+        if unknown:
+            raise InvalidInputError(f'unknown modality keys {unknown}; expected {list(self.sizes)}')
+        ref = next(iter(batch.values()))
+        if ref.ndim != 4:
+            raise InvalidInputError(f'expected (B, C, H, W) tensors, got shape {tuple(ref.shape)}')
+        h, w = ref.shape[-2:]
+        out: Dict[str, List[torch.Tensor]] = {k: [] for k in batch}
+        for i in range(ref.shape[0]):
+            win = self._window(h, w, self.sizes[next(iter(batch))], generator)
+            for k, v in batch.items():
+                out[k].append(self._apply(k, v[i:i + 1], win))
+        res = {k: torch.cat(v) for k, v in out.items()}
+        if single:
+            return next(iter(res.values()))
+        return {k: res.get(k) for k in x}
+
+
+class Transform(nn.Module):
+    """Band selection + normalisation (:class:`Preprocess`), then :class:`SpatialTransform`."""
+
+    def __init__(self, preprocess: Preprocess, spatial: SpatialTransform):
+        super().__init__()
+        self.preprocess, self.spatial = preprocess, spatial
+
+    def forward(self, x, generator: Optional[torch.Generator] = None):
+        # normalise at the native resolution (the NaN rule counts real pixels), then resample
+        return self.spatial(self.preprocess(x), generator=generator)
+
+
+def create_transform(
+        model_or_spec: Any,
+        is_training: bool = False,
+        image_size: Optional[Union[int, Sequence[int]]] = None,
+        source_bands: Optional[Union[Sequence[str], Mapping[str, Sequence[str]]]] = None,
+        crop_pct: float = 1.0,
+        scale: Tuple[float, float] = (0.08, 1.0),
+        ratio: Tuple[float, float] = (3 / 4, 4 / 3),
+        hflip: float = 0.5,
+        vflip: float = 0.5,
+        interpolation: str = 'bilinear',
+        missing_bands: str = 'error',
+        allow_unnormalised: bool = False,
+        nan: str = 'error',
+) -> Transform:
+    """timm's ``create_transform`` for batched EO tensors, driven by the input spec.
+
+    Bands are selected by name and normalised as the weights were trained (:func:`for_model`), then every
+    modality is brought to its spec size (``image_size`` overrides it for all modalities; it must satisfy the
+    model's size rules). Returns a module: ``transform(x)`` for a (B, C, H, W) tensor or a modality dict;
+    ``transform(x, generator=g)`` makes the training augmentation reproducible.
+    """
+    spec = spec_of(model_or_spec)
+    sizes = {}
+    for m in spec.modalities:
+        if image_size is None:
+            size = tuple(m.image_size)
+        else:
+            size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+            mult = m.size_multiple or 1
+            if m.fixed_size and size != tuple(m.image_size):
+                raise InvalidInputError(f'{m.name}: this model takes exactly {tuple(m.image_size)} px, '
+                                        f'image_size={size} was given')
+            if any(v % mult for v in size):
+                raise InvalidInputError(f'{m.name}: image_size must be a multiple of {mult}, got {size}')
+        sizes[m.name] = size
+    categorical = [m.name for m in spec.modalities if _kind(m.sensor) == 'categorical']
+    return Transform(Preprocess(spec, source_bands, missing_bands, allow_unnormalised, nan),
+                     SpatialTransform(sizes, categorical, is_training, crop_pct, scale, ratio, hflip, vflip,
+                                      interpolation))
+
+
+def _kind(sensor: str) -> Optional[str]:
+    try:
+        return get_sensor(sensor).kind
+    except UnknownBandError:  # 'any' / 'unknown' sensors are not in the catalogue
+        return None

@@ -20,7 +20,7 @@ from filelock import FileLock
 from huggingface_hub import try_to_load_from_cache
 
 from .. import env
-from ..cfg import DirSource, HubSource, ManualSource, PretrainedCfg, Provenance
+from ..cfg import DirSource, FileSource, HubSource, ManualSource, PretrainedCfg, Provenance
 from ..errors import (
     ChecksumMismatchError, CheckpointFormatError, ManifestError, UnknownModelError, WeightsNotFoundError, first_line)
 from .download import (
@@ -30,7 +30,7 @@ from .download import (
 __all__ = [
     'Converter', 'ConverterOption', 'ConvertTarget', 'register_converter', 'get_converter', 'list_converters',
     'converted_path', 'prefetch', 'load_weights', 'read_model_dir', 'CONFIG_NAME', 'WEIGHTS_NAME', 'CONFIG_FORMATS',
-    'verify_cached', 'parse_dir_uri',
+    'verify_cached', 'parse_dir_uri', 'converter_for',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -145,6 +145,12 @@ def get_converter(name: str) -> Converter:
     return _converters[name]
 
 
+def converter_for(arch: str) -> Optional[Converter]:
+    """The converter that builds ``arch`` (the one whose ``archs`` list it), or None."""
+    hits = [c for c in _converters.values() if arch in c.archs]
+    return hits[0] if hits else None
+
+
 def list_converters(command_only: bool = True) -> List[str]:
     """Converter names (with ``command_only``: those ``eobackbones convert`` offers, i.e. that name architectures)."""
     return sorted(n for n, c in _converters.items() if c.archs or c.targets or not command_only)
@@ -250,6 +256,37 @@ def _dir_state_dict(cfg: PretrainedCfg) -> Tuple[Dict[str, torch.Tensor], Proven
     return sd, Provenance('directory', source=canonical, sha256=digest, origin=origin)
 
 
+def _file_state_dict(cfg: PretrainedCfg) -> Tuple[Dict[str, torch.Tensor], Tuple[str, ...], Provenance]:
+    """A local checkpoint: through the cfg's (or the architecture's) converter, else as our own keys."""
+    path = Path(os.path.expanduser(cfg.source.path))
+    if not path.is_file():
+        raise WeightsNotFoundError(f'{cfg.architecture}: checkpoint file {path} does not exist')
+    conv = get_converter(cfg.converter) if cfg.converter else converter_for(cfg.architecture)
+    sd = None
+    if conv is not None:
+        # an upstream checkpoint goes through the converter; one in our own keys (a fine-tuned state_dict,
+        # a timm-style .safetensors) is refused by it and then read as is (the strict load checks every key)
+        try:
+            sd, allow = conv.fn(conv.read(path, path.name), cfg), conv.allow_missing
+        except CheckpointFormatError as e:
+            _logger.info('%s: not an upstream checkpoint for converter %s (%s); reading it as eobackbones keys',
+                         path.name, conv.name, first_line(e))
+    if sd is None:
+        raw = read_safetensors(path, path.name) if path.suffix == '.safetensors' else \
+            read_torch_checkpoint(path, path.name)
+        for key in ('state_dict', 'model'):  # the usual wrappers of a training checkpoint
+            if isinstance(raw, dict) and isinstance(raw.get(key), dict):
+                raw = raw[key]
+        if not isinstance(raw, dict):
+            raise CheckpointFormatError(f'{path.name}: expected a state dict, got {type(raw).__name__}')
+        sd, allow = raw, ()
+    bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointFormatError(f'{path.name}: non-tensor entries {bad[:5]}')
+    return sd, allow, Provenance('file', source=str(path), sha256=check_recorded(path, None, path.name, ''),
+                                 note='loaded with pretrained_cfg_overlay=dict(file=...) / checkpoint_path=')
+
+
 def load_weights(cfg: PretrainedCfg) -> Tuple[Dict[str, torch.Tensor], Tuple[str, ...], Provenance]:
     """The state dict of ``cfg``'s weights in our keys, the key patterns allowed to be missing, and the provenance.
 
@@ -268,6 +305,8 @@ def load_weights(cfg: PretrainedCfg) -> Tuple[Dict[str, torch.Tensor], Tuple[str
             raise WeightsNotFoundError(manual_message(cfg))
         sd, prov = _dir_state_dict(dataclasses.replace(cfg, source=DirSource(f'local-dir:{d}')))
         return sd, (), prov.origin or prov
+    if isinstance(src, FileSource):
+        return _file_state_dict(cfg)
     assert isinstance(src, HubSource)
     path = prefetch(cfg)
     if cfg.converter:

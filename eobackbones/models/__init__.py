@@ -17,3 +17,8 @@ from ..hub.weights import register_converter
 from . import dofa  # noqa: F401
 from . import dualsimclr  # noqa: F401
 from . import sslswin  # noqa: F401
+
+# every architecture (and any registered later) is also timm's `eob_<arch>`
+from ._registry import on_register as _on_register  # noqa: E402
+from ._timm import register_in_timm as _register_in_timm  # noqa: E402
+_on_register(_register_in_timm)

@@ -145,6 +145,7 @@ class EOModelMixin:
             input_spec=spec.to_dict() if spec else None,
             provenance=prov.to_dict(),
             weights=cfg.name if cfg is not None and cfg.tag and prov.root.kind == 'manifest' else None,
+            band_adaptation=getattr(self, 'band_adaptation', None) or None,
             weights_sha256=weights_sha256,
             license=cfg.license if cfg else None,
             paper=cfg.paper if cfg else None,

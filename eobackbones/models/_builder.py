@@ -17,6 +17,7 @@ from ..cfg import DirSource, PretrainedCfg, Provenance
 from ..errors import CheckpointFormatError
 from ..hub.weights import load_weights
 from ..spec import InputSpec
+from ._adapt import adapt_state_dict_by_count, adapt_state_dict_by_name, band_plan, normalise_bands
 from ._features import FeatureGetter
 from ._registry import get_pretrained_cfg
 
@@ -109,6 +110,7 @@ def build_model_with_cfg(
         pretrained: bool,
         pretrained_cfg: Optional[PretrainedCfg] = None,
         spec_fn: Optional[Callable[[nn.Module, Optional[PretrainedCfg]], Any]] = None,
+        default_args: Optional[Dict[str, Any]] = None,
         **kwargs: Any,
 ) -> nn.Module:
     """The one place families wire into: cfg -> constructor -> weights -> spec, provenance -> features wrapper.
@@ -120,20 +122,47 @@ def build_model_with_cfg(
         pretrained_cfg: resolved by ``create_model``; the architecture's default when None.
         spec_fn: computes the instance's input spec when it depends on constructor arguments (bands, channels,
             image size); defaults to the cfg's spec.
+        default_args: the architecture's constructor arguments (the entrypoint's); the weights' ``model_args``
+            (a manifest tag's, or everything a saved directory recorded) override them, the user's kwargs override both.
         **kwargs: constructor arguments (None values dropped); ``features_only`` / ``out_indices`` select the
             features wrapper.
     """
     user_args = {k: v for k, v in kwargs.items() if v is not None}
     cfg = pretrained_cfg or get_pretrained_cfg(variant)
-    args = merge_model_args(model_cls, dict(cfg.model_args) if cfg is not None else {}, user_args)
+    input_convs = getattr(model_cls, 'input_convs', None)
+    plan = None
+    if input_convs is not None and 'bands' in user_args:
+        # a fixed-band model on other bands: filters selected / reordered / stood in for by band name
+        plan = band_plan(cfg.input_spec, normalise_bands(cfg.input_spec, user_args.pop('bands')))
+        user_args.update(model_cls.args_for_channels({m: len(rows) for m, rows in plan.items()}))
+        weights_spec = cfg.input_spec
+        cfg = dataclasses.replace(cfg, input_spec=dataclasses.replace(weights_spec, modalities=tuple(
+            m.with_bands([r['band'] for r in plan[m.name]], qualified=[r['qualified'] for r in plan[m.name]])
+            for m in weights_spec.modalities)))
+    base = merge_model_args(model_cls, dict(default_args or {}), dict(cfg.model_args) if cfg is not None else {})
+    args = merge_model_args(model_cls, base, user_args)
     # a saved features_only model records these in its model_args: it is rebuilt (and pruned) the same way
     features_only = args.pop('features_only', False)
     out_indices = args.pop('out_indices', None)
 
+    adapted = None
     if pretrained:
         state_dict, allow_missing, provenance = load_weights(cfg)
         with torch.device('meta'):
             model = model_cls(**args)
+        if plan is not None:
+            state_dict = adapt_state_dict_by_name(state_dict, weights_spec, input_convs, plan)
+        elif input_convs is not None:
+            own = model.state_dict()
+            counts = {m: own[k].shape[d] for m, convs in input_convs.items() for k, d in convs
+                      if k in own and k in state_dict and own[k].shape[d] != state_dict[k].shape[d]}
+            if counts:
+                counts = {(m if m is not None else cfg.input_spec.modalities[0].name): n for m, n in counts.items()}
+                state_dict = adapt_state_dict_by_count(state_dict, cfg.input_spec, input_convs, counts)
+                adapted = {m: dict(by='count', pretrained_channels=cfg.input_spec.modality(m).in_chans, channels=n)
+                           for m, n in counts.items()}
+                provenance = dataclasses.replace(provenance, note=(provenance.note + '; ' if provenance.note else '')
+                                                 + 'input filters adapted by channel count (see band_adaptation)')
         allow = list(allow_missing)
         prefix = getattr(model, 'classifier_prefix', None)
         if prefix and getattr(model, 'num_classes', 0) != cfg.num_classes:
@@ -141,7 +170,8 @@ def build_model_with_cfg(
             state_dict = {k: v for k, v in state_dict.items() if not k.startswith(prefix + '.')}
             allow.append(prefix + '.*')
             if getattr(model, 'num_classes', 0):
-                provenance = dataclasses.replace(provenance, note=f'new {model.num_classes}-class head (random init)')
+                provenance = dataclasses.replace(provenance, note=(provenance.note + '; ' if provenance.note else '')
+                                                 + f'new {model.num_classes}-class head (random init)')
         wrapper = None
         if features_only:
             # prune on meta, before loading: the pruned parts are never materialised; their weights are dropped
@@ -157,9 +187,23 @@ def build_model_with_cfg(
         provenance = Provenance('none')
         wrapper = FeatureGetter(model, out_indices) if features_only else None
 
-    model.pretrained_cfg = cfg
+    if adapted is not None:
+        model.band_adaptation = adapted
+    if plan is not None:
+        # every modality whose bands differ from the weights' (a subset, an order, stand-ins) is reported
+        changed = {m: rows for m, rows in plan.items()
+                   if [r['qualified'] for r in rows] != [weights_spec.modality(m).qualified(b)
+                                                        for b in weights_spec.modality(m).bands]}
+        model.band_adaptation = changed
+        if changed:
+            _logger.info('%s: input bands mapped by name: %s', variant, changed)
+            if pretrained:
+                provenance = dataclasses.replace(provenance, note=(provenance.note + '; ' if provenance.note else '')
+                                                 + 'input filters adapted by band name (see band_adaptation)')
     model.model_args = args
     model.input_spec = spec_fn(model, cfg) if spec_fn else (cfg.input_spec if cfg else None)
+    # the cfg describes this instance (timm's data config reads input_size / mean / std from it)
+    model.pretrained_cfg = dataclasses.replace(cfg, input_spec=model.input_spec) if cfg is not None and model.input_spec else cfg
     model._builder = (model_cls, args)
     if hasattr(model, 'mark_weights'):
         model.mark_weights(provenance)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .._io import sha256_file
-from ..cfg import DirSource, HubSource, PretrainedCfg, Provenance
+from ..cfg import DirSource, FileSource, HubSource, PretrainedCfg, Provenance
 from ..errors import CheckpointFormatError, ManifestError, UnknownModelError
 from ..hub.weights import ConvertTarget, get_converter, manual_dir, read_model_dir
 from ..spec import InputSpec
@@ -134,6 +134,9 @@ def create_model(
         pretrained: False (random init), True (the tag in the name, else the default tag) or a tag.
         **kwargs: model arguments (``num_classes``, ``wavelengths``, ``bands``, ``features_only``,
             ``out_indices`` ...); ``None`` values are dropped so callers can pass optional settings through.
+            As in timm, ``pretrained_cfg_overlay=dict(file=PATH)`` (with ``pretrained=True``) or
+            ``checkpoint_path=PATH`` load a local checkpoint instead, through the family's converter (an upstream
+            file) or as our own keys, strictly.
 
     Raises:
         UnknownModelError: unknown name or tag (with close matches), or a URI without a known prefix.
@@ -141,6 +144,18 @@ def create_model(
     """
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     kwargs.pop('pretrained_cfg', None)
+    overlay = dict(kwargs.pop('pretrained_cfg_overlay', None) or {})
+    path = kwargs.pop('checkpoint_path', None)
+    unknown = sorted(set(overlay) - {'file'})
+    if unknown:
+        raise ValueError(f'pretrained_cfg_overlay: only "file" is supported (a local checkpoint), got {unknown}')
+    if overlay.get('file') and not pretrained:
+        raise ValueError('pretrained_cfg_overlay=dict(file=...) loads weights: pass pretrained=True as well')
+    path = path or overlay.get('file')
+    if path is not None:
+        r = resolve_model(model_name, False)
+        cfg = dataclasses.replace(r.cfg or PretrainedCfg(r.arch), source=FileSource(str(path)))
+        return model_entrypoint(r.arch)(pretrained=True, pretrained_cfg=cfg, **kwargs)
     r = resolve_model(model_name, pretrained)
     if r.segmentation is not None:
         return build_segmentation_from_dir(r.arch, r.cfg, r.segmentation, **kwargs)

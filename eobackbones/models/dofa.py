@@ -116,9 +116,11 @@ def _bound_modality(base: Optional[ModalitySpec], bands: Optional[List[Band]], w
     mod = base.with_bands(names, wavelengths_um=waves, qualified=quals)
     notes = ['any band set works through `wavelengths=` / `bands=`']
     if not mod.normalization:
-        known = {base.qualified(b) for b in base.bands} | set(base.band_stats or {})
-        notes.append(f'no published DOFA pretraining statistics for {", ".join(q for q in quals if q not in known)}, '
-                     f'so no meanstd step; normalise the data yourself (e.g. dataset z-score)')
+        known = {base.qualified(b) for b in base.bands if base.normalization} | set(base.band_stats or {})
+        lacking = [q for q in quals if q not in known]
+        what = ', '.join(lacking) if known else 'any band (no published weights for this architecture)'
+        notes.append(f'no published DOFA pretraining statistics for {what}, so no meanstd step; normalise the data '
+                     f'yourself (e.g. dataset z-score)')
     elif 'satlas_8bit' in mod.unit:
         notes.append('values are the Satlas 8-bit product (0-255); no published mapping from reflectance or dB to '
                      'that scale is known, so other data needs its own normalisation')
@@ -532,33 +534,35 @@ def _spec_fn(model: DOFA, cfg: Optional[PretrainedCfg]) -> InputSpec:
     return model.bound_input_spec(cfg.input_spec.modality() if cfg is not None and cfg.input_spec else None)
 
 
-def _create_dofa(variant: str, pretrained: bool = False, **kwargs: Any) -> DOFA:
-    return build_model_with_cfg(DOFA, variant, pretrained, spec_fn=_spec_fn, **kwargs)
+def _create_dofa(variant: str, pretrained: bool = False, default_args: Optional[Dict[str, Any]] = None,
+                 **kwargs: Any) -> DOFA:
+    return build_model_with_cfg(DOFA, variant, pretrained, spec_fn=_spec_fn, default_args=default_args,
+                                **kwargs)
 
 
 @register_model
 def dofa_small(pretrained: bool = False, **kwargs: Any) -> DOFA:
     """DOFA ViT-S/16 (no published weights)."""
     model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6)
-    return _create_dofa('dofa_small', pretrained, **dict(model_args, **kwargs))
+    return _create_dofa('dofa_small', pretrained, model_args, **kwargs)
 
 
 @register_model
 def dofa_base(pretrained: bool = False, **kwargs: Any) -> DOFA:
     """DOFA ViT-B/16."""
     model_args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12)
-    return _create_dofa('dofa_base', pretrained, **dict(model_args, **kwargs))
+    return _create_dofa('dofa_base', pretrained, model_args, **kwargs)
 
 
 @register_model
 def dofa_large(pretrained: bool = False, **kwargs: Any) -> DOFA:
     """DOFA ViT-L/16."""
     model_args = dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16)
-    return _create_dofa('dofa_large', pretrained, **dict(model_args, **kwargs))
+    return _create_dofa('dofa_large', pretrained, model_args, **kwargs)
 
 
 @register_model
 def dofa_huge(pretrained: bool = False, **kwargs: Any) -> DOFA:
     """DOFA ViT-H/14 (no published weights; pyramid reductions 3.5, 7, 14, 28)."""
     model_args = dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16)
-    return _create_dofa('dofa_huge', pretrained, **dict(model_args, **kwargs))
+    return _create_dofa('dofa_huge', pretrained, model_args, **kwargs)

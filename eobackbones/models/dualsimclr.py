@@ -46,6 +46,12 @@ class SimCLRResNet(EOModelMixin, ResNet):
     The projection head is trainable while no classifier is attached and frozen once one is.
     """
     classifier_prefix = 'fc'
+    # the stem conv indexes the input bands: create_model(..., pretrained=True, bands=[...]) maps them by name
+    input_convs = {None: (('conv1.weight', 1),)}
+
+    @staticmethod
+    def args_for_channels(counts: Dict[str, int]) -> Dict[str, Any]:
+        return dict(in_chans=next(iter(counts.values())))
 
     def __init__(
             self,
@@ -179,8 +185,10 @@ def _spec_fn(model: nn.Module, cfg: Optional[PretrainedCfg]) -> Optional[InputSp
     return adapt_spec(spec, {spec.modality().name: model.in_chans} if spec is not None else None)
 
 
-def _create_encoder(variant: str, pretrained: bool = False, **kwargs: Any) -> SimCLRResNet:
-    return build_model_with_cfg(SimCLRResNet, variant, pretrained, spec_fn=_spec_fn, **kwargs)
+def _create_encoder(variant: str, pretrained: bool = False, default_args: Optional[Dict[str, Any]] = None,
+                    **kwargs: Any) -> SimCLRResNet:
+    return build_model_with_cfg(SimCLRResNet, variant, pretrained, spec_fn=_spec_fn, default_args=default_args,
+                                **kwargs)
 
 
 # pair configs saved before the MultiEncoder refactor name their encoder by release
@@ -197,8 +205,14 @@ def _pair(encoder: Union[str, Dict[str, Any]], in_chans: Dict[str, int] = None, 
     return MultiEncoder(encs, num_classes=num_classes, missing=missing, drop_rate=drop_rate)
 
 
-def _create_pair(variant: str, pretrained: bool = False, **kwargs: Any) -> MultiEncoder:
-    return build_model_with_cfg(_pair, variant, pretrained, spec_fn=_spec_fn, **kwargs)
+_pair.input_convs = {'s1': (('s1.conv1.weight', 1),), 's2': (('s2.conv1.weight', 1),)}
+_pair.args_for_channels = lambda counts: dict(in_chans=dict(counts))
+
+
+def _create_pair(variant: str, pretrained: bool = False, default_args: Optional[Dict[str, Any]] = None,
+                 **kwargs: Any) -> MultiEncoder:
+    return build_model_with_cfg(_pair, variant, pretrained, spec_fn=_spec_fn, default_args=default_args,
+                                **kwargs)
 
 
 # ---------------------------------------------------------------- entrypoints
@@ -207,39 +221,39 @@ def _create_pair(variant: str, pretrained: bool = False, **kwargs: Any) -> Multi
 def dualsimclr_resnet50_s1(pretrained: bool = False, **kwargs: Any) -> SimCLRResNet:
     """Dual-SimCLR ResNet-50, Sentinel-1 encoder (VV, VH), SEN12MS."""
     model_args = dict(block='bottleneck', layers=(3, 4, 6, 3), in_chans=2)
-    return _create_encoder('dualsimclr_resnet50_s1', pretrained, **dict(model_args, **kwargs))
+    return _create_encoder('dualsimclr_resnet50_s1', pretrained, model_args, **kwargs)
 
 
 @register_model
 def dualsimclr_resnet50_s2(pretrained: bool = False, **kwargs: Any) -> SimCLRResNet:
     """Dual-SimCLR ResNet-50, Sentinel-2 encoder (13 bands), SEN12MS."""
     model_args = dict(block='bottleneck', layers=(3, 4, 6, 3), in_chans=13)
-    return _create_encoder('dualsimclr_resnet50_s2', pretrained, **dict(model_args, **kwargs))
+    return _create_encoder('dualsimclr_resnet50_s2', pretrained, model_args, **kwargs)
 
 
 @register_model
 def dualsimclr_resnet18_s1(pretrained: bool = False, **kwargs: Any) -> SimCLRResNet:
     """Dual-SimCLR ResNet-18, Sentinel-1 encoder (VV, VH), SEN12MS."""
     model_args = dict(block='basic', layers=(2, 2, 2, 2), in_chans=2)
-    return _create_encoder('dualsimclr_resnet18_s1', pretrained, **dict(model_args, **kwargs))
+    return _create_encoder('dualsimclr_resnet18_s1', pretrained, model_args, **kwargs)
 
 
 @register_model
 def dualsimclr_resnet18_s2(pretrained: bool = False, **kwargs: Any) -> SimCLRResNet:
     """Dual-SimCLR ResNet-18, Sentinel-2 encoder (13 bands), SEN12MS."""
     model_args = dict(block='basic', layers=(2, 2, 2, 2), in_chans=13)
-    return _create_encoder('dualsimclr_resnet18_s2', pretrained, **dict(model_args, **kwargs))
+    return _create_encoder('dualsimclr_resnet18_s2', pretrained, model_args, **kwargs)
 
 
 @register_model
 def dualsimclr_resnet50(pretrained: bool = False, **kwargs: Any) -> MultiEncoder:
     """Dual-SimCLR ResNet-50 pair {'s1', 's2'}; pooled feature 4096 = concat(S1, S2)."""
     model_args = dict(encoder=dict(block='bottleneck', layers=(3, 4, 6, 3)))
-    return _create_pair('dualsimclr_resnet50', pretrained, **dict(model_args, **kwargs))
+    return _create_pair('dualsimclr_resnet50', pretrained, model_args, **kwargs)
 
 
 @register_model
 def dualsimclr_resnet18(pretrained: bool = False, **kwargs: Any) -> MultiEncoder:
     """Dual-SimCLR ResNet-18 pair {'s1', 's2'}; pooled feature 1024 = concat(S1, S2)."""
     model_args = dict(encoder=dict(block='basic', layers=(2, 2, 2, 2)))
-    return _create_pair('dualsimclr_resnet18', pretrained, **dict(model_args, **kwargs))
+    return _create_pair('dualsimclr_resnet18', pretrained, model_args, **kwargs)

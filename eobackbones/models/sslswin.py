@@ -32,6 +32,12 @@ __all__ = ['SSLSwin']
 class SSLSwin(EOModelMixin, SwinTransformer):
     """Swin-T encoder of one modality (timm's SwinTransformer; ``forward_features`` is NHWC, ``output_fmt``)."""
     classifier_prefix = 'head'
+    # the patch-embedding conv indexes the input bands: bands=[...] maps them by name
+    input_convs = {None: (('patch_embed.proj.weight', 1),)}
+
+    @staticmethod
+    def args_for_channels(counts: Dict[str, int]) -> Dict[str, Any]:
+        return dict(in_chans=next(iter(counts.values())))
 
     def __init__(
             self,
@@ -89,8 +95,10 @@ def _spec_fn(model: nn.Module, cfg: Optional[PretrainedCfg]) -> Optional[InputSp
                       missing=getattr(model, 'missing', None))
 
 
-def _create_encoder(variant: str, pretrained: bool = False, **kwargs: Any) -> SSLSwin:
-    return build_model_with_cfg(SSLSwin, variant, pretrained, spec_fn=_spec_fn, **kwargs)
+def _create_encoder(variant: str, pretrained: bool = False, default_args: Optional[Dict[str, Any]] = None,
+                    **kwargs: Any) -> SSLSwin:
+    return build_model_with_cfg(SSLSwin, variant, pretrained, spec_fn=_spec_fn, default_args=default_args,
+                                **kwargs)
 
 
 # pair configs saved before the MultiEncoder refactor name their encoder by release
@@ -106,26 +114,32 @@ def _pair(encoder: Union[str, Dict[str, Any]], in_chans: Dict[str, int] = None, 
     return MultiEncoder(encs, num_classes=num_classes, missing=missing, drop_rate=drop_rate)
 
 
-def _create_pair(variant: str, pretrained: bool = False, **kwargs: Any) -> MultiEncoder:
-    return build_model_with_cfg(_pair, variant, pretrained, spec_fn=_spec_fn, **kwargs)
+_pair.input_convs = {'s1': (('s1.patch_embed.proj.weight', 1),), 's2': (('s2.patch_embed.proj.weight', 1),)}
+_pair.args_for_channels = lambda counts: dict(in_chans=dict(counts))
+
+
+def _create_pair(variant: str, pretrained: bool = False, default_args: Optional[Dict[str, Any]] = None,
+                 **kwargs: Any) -> MultiEncoder:
+    return build_model_with_cfg(_pair, variant, pretrained, spec_fn=_spec_fn, default_args=default_args,
+                                **kwargs)
 
 
 @register_model
 def sslswin_tiny_s1(pretrained: bool = False, **kwargs: Any) -> SSLSwin:
     """Self-supervised Swin-T, Sentinel-1 encoder (VV, VH), SEN12MS, 224 px."""
     model_args = dict(in_chans=2, embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size=7)
-    return _create_encoder('sslswin_tiny_s1', pretrained, **dict(model_args, **kwargs))
+    return _create_encoder('sslswin_tiny_s1', pretrained, model_args, **kwargs)
 
 
 @register_model
 def sslswin_tiny_s2(pretrained: bool = False, **kwargs: Any) -> SSLSwin:
     """Self-supervised Swin-T, Sentinel-2 encoder (13 bands), SEN12MS, 224 px."""
     model_args = dict(in_chans=13, embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size=7)
-    return _create_encoder('sslswin_tiny_s2', pretrained, **dict(model_args, **kwargs))
+    return _create_encoder('sslswin_tiny_s2', pretrained, model_args, **kwargs)
 
 
 @register_model
 def sslswin_tiny(pretrained: bool = False, **kwargs: Any) -> MultiEncoder:
     """Self-supervised Swin-T pair {'s1', 's2'}, 224 px; pooled feature 1536 = concat(S1, S2)."""
     model_args = dict(encoder=dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size=7))
-    return _create_pair('sslswin_tiny', pretrained, **dict(model_args, **kwargs))
+    return _create_pair('sslswin_tiny', pretrained, model_args, **kwargs)
