@@ -1,0 +1,172 @@
+"""The inference fast path on every registered model, and the rules it casts by."""
+from __future__ import annotations
+
+import fnmatch
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import eobackbones
+from eobackbones import optimize
+from eobackbones.optimize import FusedGeluMlp, cast_for_inference, optimize_for_inference
+from eobackbones.precision import resolve_precision
+from eobackbones.transforms import example_call
+
+# large variants cost minutes on a 2-core CPU and add no code path the base variants do not cover
+SLOW = ('dofa_large*', 'dofa_huge*')
+SMALL = 64  # input size for models that take it (a multiple of every patch / window size in the zoo)
+MODELS = [n for n in eobackbones.list_models() if not any(fnmatch.fnmatch(n, p) for p in SLOW)]
+
+
+def _small_model(name: str) -> nn.Module:
+    """``name`` built for SMALL inputs where its constructor takes ``img_size``, else at its native size."""
+    torch.manual_seed(0)
+    try:
+        model = eobackbones.create_model(name, img_size=SMALL)
+    except TypeError:  # no img_size argument (pairs, ResNets: any size runs)
+        model = eobackbones.create_model(name)
+    return model.eval()
+
+
+def _call(model: nn.Module):
+    for size in (SMALL, None):  # a fixed-size model (a Swin pair) refuses SMALL: then its native size
+        x, kwargs = example_call(model, batch_size=2, image_size=size, seed=1)
+        try:
+            with torch.no_grad():
+                ref = model.forward_head(model.forward_features(x, **kwargs), pre_logits=True)
+            return x, kwargs, ref
+        except eobackbones.errors.InvalidInputError:
+            if size is None:
+                raise
+    raise AssertionError('unreachable')
+
+
+def _precisions() -> list:
+    auto = resolve_precision('auto', 'cpu')
+    return ['auto'] if auto == torch.bfloat16 else ['auto', 'bf16']  # forced bf16 is auto on a native-bf16 CPU
+
+
+@pytest.mark.parametrize('name', MODELS)
+def test_fast_path_matches_fp32_and_leaves_model_untouched(name):
+    model = _small_model(name)
+    x, kwargs, ref = _call(model)
+    before = {k: (v.dtype, v.clone()) for k, v in model.state_dict().items()}
+    grads = {k: p.requires_grad for k, p in model.named_parameters()}
+    for precision in _precisions():
+        fast = optimize_for_inference(model, precision=precision)
+        assert fast.dtype == resolve_precision(precision, 'cpu')
+        out = fast.forward_head(fast.forward_features(x, **kwargs), pre_logits=True)
+        assert out.dtype == torch.float32 and out.shape == ref.shape
+        cos = F.cosine_similarity(out, ref, dim=-1)
+        assert cos.min().item() >= 0.9999, f'{name} {precision}: per-sample cosine {cos.tolist()}'
+        full = fast(x, **kwargs)
+        assert full.dtype == torch.float32 and torch.isfinite(full).all()
+    after = model.state_dict()
+    assert set(after) == set(before)
+    for k, (dtype, v) in before.items():
+        assert after[k].dtype == dtype and torch.equal(after[k], v), k
+    assert {k: p.requires_grad for k, p in model.named_parameters()} == grads
+    assert not model.training and all(not m.training for m in model.modules())
+
+
+class _Odd(nn.Module):
+    """A conv + BatchNorm, a keep_fp32 module and three kinds of float buffers."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+        self.hyper = nn.Linear(2, 2)
+        self.hyper.keep_fp32 = True
+        self.register_buffer('mask', torch.tensor([0.0, -100.0, 1.0]))     # exact in bf16: cast
+        self.register_buffer('waves', torch.tensor([0.443, 0.665, 2.19]))   # not exact: kept
+        self.register_buffer('index', torch.arange(3))                      # integer: untouched
+
+    def forward_features(self, x):
+        return self.bn(self.conv(x))
+
+    def forward_head(self, x, pre_logits=False):
+        return x.mean((2, 3))
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))
+
+
+def test_cast_rules():
+    m = _Odd()
+    with torch.no_grad():
+        m.bn.running_mean.uniform_(-1, 1)
+        m.bn.running_var.uniform_(0.5, 2)
+    waves = m.waves.clone()
+    cast_for_inference(m, torch.bfloat16)
+    assert m.conv.weight.dtype == torch.bfloat16
+    assert all(t.dtype == torch.float32 for t in (m.bn.weight, m.bn.bias, m.bn.running_mean, m.bn.running_var))
+    assert m.hyper.weight.dtype == torch.float32
+    assert m.mask.dtype == torch.bfloat16 and m.waves.dtype == torch.float32 and m.index.dtype == torch.int64
+    assert torch.equal(m.waves, waves)
+
+
+def test_batchnorm_model_runs_in_bf16_with_fp32_statistics():
+    m = _Odd().eval()
+    with torch.no_grad():
+        m.bn.running_mean.uniform_(-1, 1)
+        m.bn.running_var.uniform_(0.5, 2)
+    x = torch.randn(2, 3, 16, 16)
+    fast = optimize_for_inference(m, precision='bf16')
+    assert fast.channels_last  # a 2-D convolution: NHWC chosen
+    assert fast.model.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    cos = F.cosine_similarity(fast(x), m(x).detach(), dim=-1)
+    assert cos.min() >= 0.9999
+
+
+def test_dofa_wavelengths_stay_exact():
+    model = eobackbones.create_model('dofa_small', img_size=SMALL).eval()
+    fast = optimize_for_inference(model, precision='bf16')
+    inner = fast.model
+    assert inner.bound_wavelengths.dtype == torch.float32
+    assert torch.equal(inner.bound_wavelengths, model.bound_wavelengths)
+    assert all(p.dtype == torch.float32 for p in inner.patch_embed.parameters())
+    assert inner.blocks[0].attn.qkv.weight.dtype == torch.bfloat16
+    # a per-call wavelength override reaches the fp32 hypernetwork unchanged
+    x = torch.randn(1, 3, SMALL, SMALL)
+    waves = [0.665, 0.56, 0.49]
+    ref = model.forward_head(model.forward_features(x, wavelengths=waves), pre_logits=True).detach()
+    out = fast.forward_head(fast.forward_features(x, wavelengths=waves), pre_logits=True)
+    assert F.cosine_similarity(out, ref).min() >= 0.9999
+
+
+@pytest.mark.skipif(not optimize._use_fused_gelu_mlp(torch.device('cpu'), torch.bfloat16),
+                    reason='no oneDNN fused linear on this build')
+def test_fused_gelu_mlp_equals_mlp():
+    from timm.layers import Mlp
+    torch.manual_seed(0)
+    mlp = Mlp(64, 256).eval().to(torch.bfloat16)
+    assert optimize._fusable_gelu_mlp(mlp)
+    fused = FusedGeluMlp(mlp)
+    x = torch.randn(2, 10, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        ref = Mlp(64, 256).eval()
+        ref.load_state_dict({k: v.float() for k, v in mlp.state_dict().items()})
+        r = ref(x.float())
+        assert F.cosine_similarity(fused(x).float().flatten(1), r.flatten(1)).min() >= 0.9999
+    assert not optimize._fusable_gelu_mlp(Mlp(64, 256, act_layer=nn.ReLU))
+    assert not optimize._fusable_gelu_mlp(Mlp(64, 256, act_layer=lambda: nn.GELU(approximate='tanh')))
+
+
+def test_fused_mlp_only_where_measured(monkeypatch):
+    model = eobackbones.create_model('dofa_small', img_size=SMALL).eval()
+    fp32 = optimize_for_inference(model, precision='fp32')
+    assert not any(isinstance(m, FusedGeluMlp) for m in fp32.modules())
+    monkeypatch.setattr(optimize, '_use_fused_gelu_mlp', lambda device, dtype: True)
+    bf16 = optimize_for_inference(model, precision='bf16')
+    assert sum(isinstance(m, FusedGeluMlp) for m in bf16.modules()) == len(model.blocks)
+
+
+def test_precision_errors():
+    m = nn.Linear(2, 2)
+    with pytest.raises(ValueError, match='CUDA'):
+        optimize_for_inference(m, precision='fp16')
+    with pytest.raises(ValueError, match='precision must be one of'):
+        optimize_for_inference(m, precision='int8')
