@@ -16,13 +16,15 @@ x mode x precision:
   CUDA: CUDA events around each call and ``torch.cuda.synchronize``; CPU: ``time.perf_counter``. Median,
   p90, p99 latency, samples/s = batch / median latency. ``--compile``: each candidate also runs through
   ``torch.compile``; the first call (compilation + one run) is reported as ``compile_s``, never timed.
-- **memory**: measured in a separate call per candidate after warm-up. CUDA: ``torch.cuda.max_memory_allocated``
-  after ``reset_peak_memory_stats`` (includes weights and inputs, as timm's benchmark reports). CPU: growth of
-  the process's peak RSS during that one call (``/proc/self/clear_refs`` resets the high-water mark after
-  ``malloc_trim`` returns freed heap to the OS), i.e. the activations and workspace that call needed on top of
-  what was resident (weights, inputs, optimizer state). Caveat: memory freed earlier and still cached by the
-  allocator is reused without raising RSS, so the CPU figure is a lower bound; where ``clear_refs`` is not
-  writable, ``ru_maxrss`` growth is used, which only sees rows that exceed the process's previous peak.
+- **memory**: measured in a separate call per candidate after warm-up, as what that one call needs on top of
+  what is already resident (weights, inputs, optimizer state, other candidates): CUDA:
+  ``max_memory_allocated`` after ``reset_peak_memory_stats`` minus ``memory_allocated`` before the call;
+  CPU: growth of the process's peak RSS during the call (``/proc/self/clear_refs`` resets the high-water mark
+  after ``malloc_trim`` returns freed heap to the OS). ``weights_mb`` gives the bytes of the parameters and
+  buffers the candidate runs with, so weights + peak is the footprint of a process running only that row.
+  Caveat on CPU: memory freed earlier and still cached by the allocator is reused without raising RSS, so the
+  figure is a lower bound; where ``clear_refs`` is not writable, ``ru_maxrss`` growth is used, which only sees
+  rows that exceed the process's previous peak.
 - **FLOPs** per sample from ``torch.utils.flop_counter.FlopCounterMode`` (FLOPs = 2 x multiply-accumulates;
   matmuls, convolutions and attention only; elementwise ops are free), counted on the ``meta`` device (no
   memory, no compute) where the model runs there, else on one extra call; steady state (the second call, so
@@ -80,7 +82,7 @@ MODES = ('infer', 'train')
 ROW_FIELDS = (
     'model', 'impl', 'peer_arch', 'mode', 'precision', 'dtype', 'compiled', 'channels_last', 'batch', 'image_size',
     'status', 'error', 'samples_per_s', 'latency_ms_median', 'latency_ms_p90', 'latency_ms_p99', 'latency_ms_mean',
-    'iters', 'warmup', 'compile_s', 'peak_mem_mb', 'mem_kind', 'params', 'gflops_per_sample', 'achieved_tflops',
+    'iters', 'warmup', 'compile_s', 'peak_mem_mb', 'mem_kind', 'weights_mb', 'params', 'gflops_per_sample', 'achieved_tflops',
     'peak_tflops', 'fraction_of_peak', 'cosine_min', 'cosine_mean', 'vs_peer',
 )
 OURS = 'eobackbones'
@@ -256,9 +258,10 @@ def _measure_memory(fn: Callable[[], Any], device: torch.device) -> Tuple[Option
     if device.type == 'cuda':
         _sync(device)
         torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
         fn()
         _sync(device)
-        return torch.cuda.max_memory_allocated(device) / 2 ** 20, 'cuda_max_allocated'
+        return (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20, 'cuda_peak_growth'
     with _CpuPeak() as p:
         fn()
     return p.mb, p.kind
@@ -300,13 +303,25 @@ class _GemmShapes(TorchDispatchMode):
         return out
 
 
+def _flop_mapping() -> Dict[Any, Any]:
+    """Formulas FlopCounterMode lacks: the CPU flash-attention kernels count as the fused ones do."""
+    from torch.utils import flop_counter as fc
+    aten = torch.ops.aten
+    out = {}
+    if hasattr(aten, '_scaled_dot_product_flash_attention_for_cpu'):
+        out[aten._scaled_dot_product_flash_attention_for_cpu] = fc.sdpa_flop
+    if hasattr(aten, '_scaled_dot_product_flash_attention_for_cpu_backward'):
+        out[aten._scaled_dot_product_flash_attention_for_cpu_backward] = fc.sdpa_backward_flop
+    return out
+
+
 def count_flops(fn: Callable[[], Any], repeat: int = 2) -> Tuple[int, Dict[Tuple[int, int, int], float]]:
     """FLOPs (2 x MACs) of the last of ``repeat`` calls of ``fn`` (steady state) and its GEMM shapes."""
     from torch.utils.flop_counter import FlopCounterMode
     for _ in range(repeat - 1):
         fn()
     shapes = _GemmShapes()
-    with FlopCounterMode(display=False) as counter, shapes:
+    with FlopCounterMode(display=False, custom_mapping=_flop_mapping()) as counter, shapes:
         fn()
     return int(counter.get_total_flops()), shapes.flops
 
@@ -543,6 +558,7 @@ class BenchConfig:
     peak_square_sizes: Optional[Tuple[int, ...]] = None
     tf32: bool = False
     max_batch: int = 4096
+    budget_s: Optional[float] = None
     quiet: bool = False
 
 
@@ -557,6 +573,7 @@ class _Candidate:
     status: str = 'ok'
     error: Optional[str] = None
     compile_s: Optional[float] = None
+    weights_mb: Optional[float] = None
     out: Any = None
     mem: Tuple[Optional[float], Optional[str]] = (None, None)
 
@@ -604,6 +621,9 @@ class _Runner:
         self._fast: Dict[bool, Any] = {}
         self._meta: Optional[nn.Module] = None
         self._meta_failed = False
+        self._peer: Optional[Tuple[Optional[_Peer], Optional[str]]] = None
+        self._meta_peer: Optional[nn.Module] = None
+        self._train: Dict[str, Tuple[nn.Module, torch.optim.Optimizer, Dict[str, Any]]] = {}
         self.gemm_shapes: Dict[Tuple[int, int, int], float] = {}
         self.flops: Dict[Tuple[str, str, int], Optional[int]] = {}
 
@@ -632,6 +652,28 @@ class _Runner:
             self.flops[key] = flops
         return self.flops[key]
 
+    def peer(self, x: Any) -> Tuple[Optional[_Peer], Optional[str]]:
+        """(the peer implementation or None, why not); built once per model."""
+        if self._peer is None:
+            builder = _peer_builder(self.name)
+            if builder is None:
+                self._peer = (None, 'no peer implementation known for this model')
+            else:
+                try:
+                    peer = builder(self.model, x, self.device)
+                    if self.cfg.channels_last:
+                        peer.module.to(memory_format=torch.channels_last)
+                    peer.module.requires_grad_(False)
+                    self._peer = (peer, None)
+                except Exception as e:  # noqa: BLE001 - e.g. torchgeo not installed
+                    self._peer = (None, f'peer: {_first_line(e)}')
+        return self._peer
+
+    def meta_peer(self, peer: _Peer) -> nn.Module:
+        if self._meta_peer is None:
+            self._meta_peer = copy.deepcopy(peer.module).to('meta')
+        return self._meta_peer
+
     def meta_model(self) -> Optional[nn.Module]:
         if self._meta is None and not self._meta_failed:
             try:
@@ -652,19 +694,23 @@ class _Runner:
         make = _features_fn if mode == 'features' else _forward_fn
         out = []
         compiled_opts = (False, True) if self.cfg.compile else (False,)
+        ours_mb = _module_mb(self.model)
         for compiled in compiled_opts:
             for prec in self.cfg.precisions:
                 dtype = resolve_precision(prec, self.device)
                 if prec == 'auto':
                     fast = self.fast(compiled)
-                    out.append(_Candidate(OURS, prec, fast.dtype, compiled, make(fast, x, kw)))
+                    out.append(_Candidate(OURS, prec, fast.dtype, compiled, make(fast, x, kw),
+                                          weights_mb=_module_mb(fast)))
                 else:
                     out.append(_Candidate(OURS, prec, dtype, compiled,
-                                          self._wrap_infer(make(self.model, x, kw), dtype, compiled)))
+                                          self._wrap_infer(make(self.model, x, kw), dtype, compiled),
+                                          weights_mb=ours_mb))
                 if peer is not None:
                     pfn = peer.features if mode == 'features' else peer.forward
                     out.append(_Candidate(peer.arch, prec, dtype, compiled,
-                                          self._wrap_infer(lambda f=pfn: f(x), dtype, compiled), peer_arch=peer.arch))
+                                          self._wrap_infer(lambda f=pfn: f(x), dtype, compiled), peer_arch=peer.arch,
+                                          weights_mb=_module_mb(peer.module)))
         return out
 
     def _wrap_infer(self, fn: Callable[[], Any], dtype: torch.dtype, compiled: bool) -> Callable[[], Any]:
@@ -677,28 +723,46 @@ class _Runner:
                 return fn()
         return call
 
+    def train_net(self, impl: str, peer: Optional[_Peer]) -> Tuple[nn.Module, torch.optim.Optimizer, Dict[str, Any]]:
+        """The training copy of ``impl`` and its optimizer, shared by every precision (speed does not depend
+        on the values, and one copy keeps memory to one model + AdamW state per implementation)."""
+        if impl not in self._train:
+            m = copy.deepcopy(self.model if impl == OURS else peer.module).train()
+            for p in m.parameters():
+                p.requires_grad_(True)
+            opt = torch.optim.AdamW(m.parameters(), lr=1e-6)
+            self._train[impl] = (m, opt, {})
+        return self._train[impl]
+
     def train_candidates(self, x: Any, kw: Dict[str, Any], peer: Optional[_Peer]) -> List[_Candidate]:
         out = []
-        nets = [(OURS, lambda: copy.deepcopy(self.model), lambda m: (lambda: m(x, **kw)))]
-        if peer is not None:
-            nets.append((peer.arch, lambda: copy.deepcopy(peer.module), lambda m: (lambda: peer.apply(m, x))))
+        impls = [OURS] + ([peer.arch] if peer is not None else [])
         compiled_opts = (False, True) if self.cfg.compile else (False,)
         for compiled in compiled_opts:
             for prec in self.cfg.precisions:
                 dtype = resolve_precision(prec, self.device)
-                for impl, clone, call in nets:
-                    m = clone().train()
-                    for p in m.parameters():
-                        p.requires_grad_(True)
-                    fwd = call(torch.compile(m) if compiled else m)
-                    out.append(_Candidate(impl, prec, dtype, compiled, _train_step(m, fwd, dtype, self.device),
-                                          peer_arch=None if impl == OURS else impl))
+                for impl in impls:
+                    m, opt, cache = self.train_net(impl, peer)
+                    if compiled and 'compiled' not in cache:
+                        cache['compiled'] = torch.compile(m)
+                    net = cache['compiled'] if compiled else m
+                    if impl == OURS:
+                        fwd = lambda net=net: net(x, **kw)  # noqa: E731
+                    else:
+                        fwd = lambda net=net: peer.apply(net, x)  # noqa: E731
+                    out.append(_Candidate(impl, prec, dtype, compiled, _train_step(opt, fwd, dtype, self.device),
+                                          peer_arch=None if impl == OURS else impl, weights_mb=_module_mb(m)))
         return out
 
 
-def _train_step(model: nn.Module, fwd: Callable[[], torch.Tensor], dtype: torch.dtype,
+def _module_mb(m: Any) -> Optional[float]:
+    if not isinstance(m, nn.Module):
+        return None
+    return sum(t.numel() * t.element_size() for t in list(m.parameters()) + list(m.buffers())) / 2 ** 20
+
+
+def _train_step(opt: torch.optim.Optimizer, fwd: Callable[[], torch.Tensor], dtype: torch.dtype,
                 device: torch.device) -> Callable[[], None]:
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
     ctx = autocast(device, dtype)
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
 
@@ -736,10 +800,15 @@ def run_bench(cfg: BenchConfig, log: Optional[Callable[[str], None]] = None) -> 
         shapes: Dict[Tuple[int, int, int], float] = {}
         peak_dtypes = sorted({dtype_name(resolve_precision(p, device)) for p in cfg.precisions} | {'fp32'},
                              key=['fp32', 'bf16', 'fp16'].index)
+        deadline = time.monotonic() + cfg.budget_s if cfg.budget_s else None
         peak_before = measure_matmul_peak(device, peak_dtypes, (), cfg.peak_seconds,
                                           square_sizes=cfg.peak_square_sizes) if cfg.peak else {}
         for name in cfg.models:
             log(f'== {name}')
+            if deadline is not None and time.monotonic() > deadline:
+                rows.append(_row(cfg, name, OURS, None, '-', '-', torch.float32, False, 0, '-', status='skipped',
+                                 error=f'time budget of {cfg.budget_s:g} s spent'))
+                continue
             try:
                 runner = _Runner(cfg, name, device, log)
             except Exception as e:  # noqa: BLE001 - one model that does not build is a row, not the end of the run
@@ -749,7 +818,7 @@ def run_bench(cfg: BenchConfig, log: Optional[Callable[[str], None]] = None) -> 
                                  error=f'build: {_first_line(e)}'))
                 log(f'   build failed: {_first_line(e)}')
                 continue
-            rows += _run_model(cfg, runner, device, log)
+            rows += _run_model(cfg, runner, device, log, deadline)
             shapes.update({k: max(v, shapes.get(k, 0.0)) for k, v in runner.gemm_shapes.items()})
             del runner
             _free(device)
@@ -772,8 +841,8 @@ _NOTES = [
     'fraction_of_peak = gflops_per_sample x samples_per_s / the matmul peak of the row\'s compute dtype, measured in '
     'the same run (best of square and model-shaped GEMMs, before and after the models).',
     'cosine_* = cosine similarity per sample of the row\'s output to the float32 eager output on the same input.',
-    'peak_mem_mb: CUDA max_memory_allocated of one call (weights included); CPU: peak RSS growth of one call '
-    '(a lower bound, see eobackbones.bench).',
+    'peak_mem_mb: what one call needs on top of what is resident (CUDA: max_memory_allocated growth; CPU: peak RSS '
+    'growth, a lower bound); weights_mb: parameters and buffers of the network the row runs.',
     'train rows: forward + backward + AdamW step; auto in training = autocast in the dtype the precision policy picks.',
 ]
 
@@ -831,7 +900,8 @@ def _batch_plan(cfg: BenchConfig, device: torch.device) -> Tuple[List[int], bool
     return [2 ** i for i in range(int(math.log2(cap)) + 1)], True
 
 
-def _run_model(cfg: BenchConfig, runner: _Runner, device: torch.device, log: Callable[[str], None]) -> List[Dict[str, Any]]:
+def _run_model(cfg: BenchConfig, runner: _Runner, device: torch.device, log: Callable[[str], None],
+               deadline: Optional[float] = None) -> List[Dict[str, Any]]:
     rows: List[Dict[str, Any]] = []
     sizes, auto = _batch_plan(cfg, device)
     dead: Dict[Tuple[str, str], int] = {}  # (candidate key, mode) -> batch at which it ran out of memory
@@ -839,6 +909,10 @@ def _run_model(cfg: BenchConfig, runner: _Runner, device: torch.device, log: Cal
     modes = [m for mode in cfg.modes for m in (('features', 'forward') if mode == 'infer' else ('train',))]
     for batch in sizes:
         batch_rows: List[Dict[str, Any]] = []
+        if deadline is not None and time.monotonic() > deadline:
+            rows.append(_row(cfg, runner.name, OURS, None, '-', '-', torch.float32, False, batch, '-',
+                             status='skipped', error=f'time budget of {cfg.budget_s:g} s spent'))
+            continue
         try:
             x, kw = runner.example(batch)
         except Exception as e:  # noqa: BLE001
@@ -849,27 +923,14 @@ def _run_model(cfg: BenchConfig, runner: _Runner, device: torch.device, log: Cal
                              status='oom', error=_first_line(e)))
             break
         size = _size_of(x)
-        peer = None
-        peer_error = None
-        if cfg.compare:
-            builder = _peer_builder(runner.name)
-            if builder is None:
-                peer_error = 'no peer implementation known for this model'
-            else:
-                try:
-                    peer = builder(runner.model, x, device)
-                    if cfg.channels_last:
-                        peer.module.to(memory_format=torch.channels_last)
-                    peer.module.requires_grad_(False)
-                except Exception as e:  # noqa: BLE001 - e.g. torchgeo not installed
-                    peer_error = f'peer: {_first_line(e)}'
+        peer, peer_error = runner.peer(x) if cfg.compare else (None, None)
         for mode in modes:
             batch_rows += _run_group(cfg, runner, device, mode, batch, x, kw, size, peer, dead, log)
             if peer_error and batch == sizes[0]:
                 batch_rows.append(_row(cfg, runner.name, 'peer', None, mode, '-', torch.float32, False, batch, size,
                                        status='skipped', error=peer_error))
         rows += batch_rows
-        del x, kw, peer
+        del x, kw
         if device.type == 'cuda':
             torch.cuda.empty_cache()
         if auto:
@@ -908,7 +969,7 @@ def _run_group(cfg: BenchConfig, runner: _Runner, device: torch.device, mode: st
     # FLOPs (once per impl, mode, batch; on meta when possible)
     flops = {OURS: runner.count(OURS, mode, batch, lambda dev: _flop_fn(runner, mode, dev, x, kw))}
     if peer is not None:
-        flops[peer.arch] = runner.count(peer.arch, mode, batch, lambda dev: _peer_flop_fn(peer, mode, dev, x))
+        flops[peer.arch] = runner.count(peer.arch, mode, batch, lambda dev: _peer_flop_fn(runner, peer, mode, dev, x))
     # first call (compilation for compiled candidates), warm-up, memory; out-of-memory is a row
     for c in cands:
         if (c.key, mode) in dead:
@@ -956,7 +1017,7 @@ def _run_group(cfg: BenchConfig, runner: _Runner, device: torch.device, mode: st
         r = _row(cfg, name, c.impl, c.peer_arch, mode, c.precision, c.dtype, c.compiled, batch, size,
                  status=c.status, error=c.error, params=runner.params if c.impl == OURS else
                  (sum(p.numel() for p in peer.module.parameters()) if peer is not None else None),
-                 compile_s=c.compile_s, warmup=cfg.warmup)
+                 compile_s=c.compile_s, warmup=cfg.warmup, weights_mb=c.weights_mb)
         f = flops.get(c.impl)
         r['gflops_per_sample'] = f / batch / 1e9 if f else None
         if c.status == 'ok' and c.key in times:
@@ -1009,16 +1070,20 @@ def _train_flop_fn(m: nn.Module, fwd: Callable[[], torch.Tensor]) -> Callable[[]
     return fn
 
 
-def _peer_flop_fn(peer: _Peer, mode: str, dev: torch.device, x: Any) -> Callable[[], Any]:
+def _peer_flop_fn(runner: _Runner, peer: _Peer, mode: str, dev: torch.device, x: Any) -> Callable[[], Any]:
+    # on meta (free), or on the device: a copy for training (which updates BatchNorm statistics)
     if dev.type == 'meta':
-        raise RuntimeError('peers are counted on their device')
-    f = peer.features if mode == 'features' else peer.forward
+        module = runner.meta_peer(peer)
+    else:
+        module = copy.deepcopy(peer.module) if mode == 'train' else peer.module
+    xm = _tree_map(lambda t: t.to(dev), x)
+    apply = peer.forward_apply if mode == 'forward' else peer.apply
     if mode == 'train':
-        return _train_flop_fn(peer.module, lambda: peer.features(x))
+        return _train_flop_fn(module, lambda: apply(module, xm))
 
     def infer():
         with torch.no_grad():
-            return f(x)
+            return apply(module, xm)
     return infer
 
 
@@ -1259,6 +1324,8 @@ def add_bench_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help='keep timing until each candidate has this much measured time')
     parser.add_argument('--max-batch', type=_positive_int('--max-batch'), default=4096,
                         help='upper bound of --batch-sizes auto')
+    parser.add_argument('--budget-s', type=_non_negative_float('--budget-s'), default=None,
+                        help='time budget of the run: batch sizes and models not started by then become skipped rows')
     parser.add_argument('--no-peak', action='store_true', help='skip the matmul peak measurement')
     parser.add_argument('--tf32', action='store_true', help='allow TF32 on CUDA (default off: fp32 means fp32)')
     parser.add_argument('--quiet', action='store_true', help='no progress lines, no table on stdout')
@@ -1293,7 +1360,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         models=names, batch_sizes=args.batch_sizes, img_size=args.img_size, precisions=list(args.precision),
         modes=list(args.mode), channels_last=args.channels_last, compile=args.compile, compare=args.compare,
         device=str(device), warmup=args.warmup, iters=args.iters, min_seconds=args.min_seconds,
-        peak=not args.no_peak, tf32=args.tf32, max_batch=args.max_batch, quiet=args.quiet)
+        peak=not args.no_peak, tf32=args.tf32, max_batch=args.max_batch, budget_s=args.budget_s or None,
+        quiet=args.quiet)
 
 
 def main_bench(args: argparse.Namespace) -> int:

@@ -163,6 +163,8 @@ def test_run_bench_all_cpu_modes_and_precisions(tmp_path):
             assert r['gflops_per_sample'] * 1e9 == pytest.approx(_tiny_flops_per_sample())
             assert r['cosine_min'] >= (0.999999 if r['precision'] == 'fp32' else 0.999)
             assert r['cosine_mean'] >= r['cosine_min']
+    w = {(r['mode'], r['precision']): r['weights_mb'] for r in rows}
+    assert w[('features', 'auto')] < w[('features', 'fp32')] == w[('features', 'bf16')]  # bf16 weights, fp32 BN
     assert set(report['matmul_peak']) == {'fp32', 'bf16'}
     assert any(s['kind'] == 'model' for s in report['matmul_peak']['fp32']['shapes'])  # the model's GEMMs
     paths = write_report(report, tmp_path, plot=True)
@@ -256,6 +258,13 @@ def test_auto_batch_sizes_stop_when_everything_is_out_of_memory(monkeypatch):
     assert batches[:2] == [1, 2] and batches[-1] <= 4
     if 4 in batches:
         assert all(r['status'] == 'oom' for r in rows if r['batch'] == 4)
+
+
+def test_time_budget_turns_the_rest_into_skipped_rows():
+    rows = run_bench(_cfg(models=[TINY, 'test_dofa'], batch_sizes=[1, 2], budget_s=1e-9))['rows']
+    assert [(r['model'], r['status']) for r in rows] == [(TINY, 'skipped'), (TINY, 'skipped'),
+                                                         ('test_dofa', 'skipped')]
+    assert all('time budget' in r['error'] for r in rows)
 
 
 def test_compile_reports_compile_time(monkeypatch):
