@@ -16,7 +16,7 @@ checked by ``tests/test_optimize.py``):
   cuDNN run bf16 / fp16 convolutions in NHWC; on CPU this is the largest single gain for the ResNets);
 - on CPU with bf16 weights, timm ``Mlp`` blocks with exact GELU run ``fc1`` + bias + GELU as one oneDNN
   kernel (``torch.ops.mkldnn._linear_pointwise``), which saves a full pass over the widest activation of
-  every transformer block;
+  every transformer block (eager only: with ``compile=True`` Inductor does its own fusions);
 - optionally ``torch.compile`` of ``forward_features`` with Inductor's weight freezing (``compile=True``).
 
 Inputs: floating tensors passed positionally (a tensor or a dict of tensors) are cast to the compute dtype;
@@ -199,7 +199,8 @@ def optimize_for_inference(
         if hasattr(mod, 'fused_attn'):
             mod.fused_attn = True
     cast_for_inference(m, dtype)
-    swapped = _swap_modules(m, device, dtype)
+    # Inductor fuses these itself, and its weight freezing needs the plain modules (graph-constant weights)
+    swapped = 0 if compile else _swap_modules(m, device, dtype)
     if channels_last is None:
         channels_last = _has_conv2d(m)
     if channels_last:
