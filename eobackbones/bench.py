@@ -81,9 +81,9 @@ SCHEMA = 'eobackbones.bench/1'
 MODES = ('infer', 'train')
 ROW_FIELDS = (
     'model', 'impl', 'peer_arch', 'mode', 'precision', 'dtype', 'compiled', 'channels_last', 'batch', 'image_size',
-    'status', 'error', 'samples_per_s', 'latency_ms_median', 'latency_ms_p90', 'latency_ms_p99', 'latency_ms_mean',
-    'iters', 'warmup', 'compile_s', 'peak_mem_mb', 'mem_kind', 'weights_mb', 'params', 'gflops_per_sample', 'achieved_tflops',
-    'peak_tflops', 'fraction_of_peak', 'cosine_min', 'cosine_mean', 'vs_peer',
+    'channels', 'status', 'error', 'samples_per_s', 'latency_ms_median', 'latency_ms_p90', 'latency_ms_p99',
+    'latency_ms_mean', 'iters', 'warmup', 'compile_s', 'peak_mem_mb', 'mem_kind', 'weights_mb', 'params',
+    'gflops_per_sample', 'achieved_tflops', 'peak_tflops', 'fraction_of_peak', 'cosine_min', 'cosine_mean', 'vs_peer',
 )
 OURS = 'eobackbones'
 
@@ -157,6 +157,13 @@ def _channels_last(x: Any) -> Any:
 def _batch_of(x: Any) -> int:
     t = x if isinstance(x, torch.Tensor) else next(iter(x.values()))
     return int(t.shape[0])
+
+
+def _channels_of(x: Any) -> str:
+    """Input channels: ``13`` for a tensor, ``s1:2+s2:13`` for a dict of modalities."""
+    if isinstance(x, torch.Tensor):
+        return str(x.shape[1])
+    return '+'.join(f'{k}:{v.shape[1]}' for k, v in x.items())
 
 
 def _size_of(x: Any) -> str:
@@ -396,7 +403,8 @@ def _time_gemm(a: torch.Tensor, b: torch.Tensor, device: torch.device, min_secon
         return best
 
 
-def _model_gemm_shapes(all_shapes: Dict[Tuple[int, int, int], float], top: int, max_m: int) -> List[Tuple[int, int, int]]:
+def _model_gemm_shapes(all_shapes: Dict[Tuple[int, int, int], float], top: int,
+                       max_m: int) -> List[Tuple[int, int, int]]:
     picked = sorted(all_shapes.items(), key=lambda kv: -kv[1])[:top]
     return [(min(m, max_m), k, n) for (m, k, n), _ in picked]
 
@@ -559,6 +567,7 @@ class BenchConfig:
     tf32: bool = False
     max_batch: int = 4096
     budget_s: Optional[float] = None
+    model_kwargs: Dict[str, Any] = field(default_factory=dict)
     quiet: bool = False
 
 
@@ -585,18 +594,20 @@ class _Candidate:
 # ----------------------------------------------------------------------------------------------- the run
 
 
-def _build(name: str, img_size: Optional[int], device: Optional[torch.device] = None) -> nn.Module:
+def _build(name: str, img_size: Optional[int], device: Optional[torch.device] = None,
+           model_kwargs: Optional[Dict[str, Any]] = None) -> nn.Module:
     from . import create_model
     torch.manual_seed(0)
     ctx = torch.device(device) if device is not None and torch.device(device).type == 'meta' else \
         contextlib.nullcontext()
+    kw = dict(model_kwargs or {})
     with ctx:
-        if img_size:
+        if img_size and 'img_size' not in kw:
             try:  # timm convention: models whose tables depend on the size take img_size
-                return create_model(name, pretrained=False, img_size=img_size)
+                return create_model(name, pretrained=False, img_size=img_size, **kw)
             except TypeError:
                 pass
-        return create_model(name, pretrained=False)
+        return create_model(name, pretrained=False, **kw)
 
 
 def _features_fn(m: Any, x: Any, kw: Dict[str, Any]) -> Callable[[], torch.Tensor]:
@@ -612,7 +623,7 @@ class _Runner:
 
     def __init__(self, cfg: BenchConfig, name: str, device: torch.device, log: Callable[[str], None]) -> None:
         self.cfg, self.name, self.device, self.log = cfg, name, device, log
-        self.model = _build(name, cfg.img_size).to(device).eval()
+        self.model = _build(name, cfg.img_size, model_kwargs=cfg.model_kwargs).to(device).eval()
         if cfg.channels_last:
             self.model.to(memory_format=torch.channels_last)
         for p in self.model.parameters():
@@ -636,7 +647,8 @@ class _Runner:
         return x, kw
 
     # -- FLOPs (meta first)
-    def count(self, impl: str, mode: str, batch: int, make_fn: Callable[[torch.device], Callable[[], Any]]) -> Optional[int]:
+    def count(self, impl: str, mode: str, batch: int,
+              make_fn: Callable[[torch.device], Callable[[], Any]]) -> Optional[int]:
         key = (impl, mode, batch)
         if key not in self.flops:
             flops = None
@@ -677,7 +689,7 @@ class _Runner:
     def meta_model(self) -> Optional[nn.Module]:
         if self._meta is None and not self._meta_failed:
             try:
-                self._meta = _build(self.name, self.cfg.img_size, torch.device('meta')).eval()
+                self._meta = _build(self.name, self.cfg.img_size, torch.device('meta'), self.cfg.model_kwargs).eval()
             except Exception:  # noqa: BLE001
                 self._meta_failed = True
         return self._meta
@@ -1017,7 +1029,7 @@ def _run_group(cfg: BenchConfig, runner: _Runner, device: torch.device, mode: st
         r = _row(cfg, name, c.impl, c.peer_arch, mode, c.precision, c.dtype, c.compiled, batch, size,
                  status=c.status, error=c.error, params=runner.params if c.impl == OURS else
                  (sum(p.numel() for p in peer.module.parameters()) if peer is not None else None),
-                 compile_s=c.compile_s, warmup=cfg.warmup, weights_mb=c.weights_mb)
+                 compile_s=c.compile_s, warmup=cfg.warmup, weights_mb=c.weights_mb, channels=_channels_of(x))
         f = flops.get(c.impl)
         r['gflops_per_sample'] = f / batch / 1e9 if f else None
         if c.status == 'ok' and c.key in times:
@@ -1145,7 +1157,8 @@ def markdown_report(report: Dict[str, Any]) -> str:
         frac = r.get('fraction_of_peak')
         prec = r['precision'] + (' +compile' if r.get('compiled') else '') + (' NHWC' if r.get('channels_last') else '')
         lines.append('| ' + ' | '.join([
-            r['model'], r['impl'], r['mode'], prec, str(r['batch']), r['image_size'] or '',
+            r['model'], r['impl'], r['mode'], prec, str(r['batch']),
+            f'{r["channels"]} x {r["image_size"]}' if r.get('channels') else (r['image_size'] or ''),
             _fmt(r['samples_per_s']), _fmt(r['latency_ms_median']), _fmt(r['latency_ms_p90']),
             _fmt(r['latency_ms_p99']), _fmt(r['gflops_per_sample']), _fmt(None if frac is None else 100 * frac, 1),
             _fmt(r['cosine_min'], 6), _fmt(r['peak_mem_mb'], 0), _fmt(r['vs_peer']), _fmt(r['compile_s'], 1),
@@ -1287,6 +1300,17 @@ def _non_negative_float(what: str) -> Callable[[str], float]:
     return parse
 
 
+def _model_arg(s: str) -> Tuple[str, Any]:
+    key, sep, value = s.partition('=')
+    if not sep or not key.strip().isidentifier():
+        raise argparse.ArgumentTypeError(f'--model-arg must be KEY=VALUE (e.g. bands=B04,B03,B02), got {s!r}')
+    try:
+        parsed = json.loads(value)
+    except ValueError:
+        parsed = [v.strip() for v in value.split(',')] if ',' in value else value
+    return key.strip(), parsed
+
+
 def _device(s: str) -> str:
     try:
         d = torch.device(s)
@@ -1307,7 +1331,8 @@ def add_bench_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help='input size (default: each model\'s native size)')
     parser.add_argument('--precision', type=_csv_choices(PRECISIONS, '--precision'), default=['fp32', 'auto'],
                         metavar='fp32,bf16,fp16,auto',
-                        help='fp32; bf16/fp16 autocast (fp16: CUDA only); auto: optimize_for_inference(precision="auto")')
+                        help='fp32; bf16/fp16 autocast (fp16: CUDA only); '
+                             'auto: optimize_for_inference(precision="auto")')
     parser.add_argument('--mode', type=_csv_choices(MODES, '--mode'), default=['infer'], metavar='infer,train',
                         help='infer: pooled features and full forward; train: forward + backward + AdamW step')
     parser.add_argument('--channels-last', action='store_true', help='NHWC weights and inputs for every candidate')
@@ -1324,6 +1349,9 @@ def add_bench_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help='keep timing until each candidate has this much measured time')
     parser.add_argument('--max-batch', type=_positive_int('--max-batch'), default=4096,
                         help='upper bound of --batch-sizes auto')
+    parser.add_argument('--model-arg', type=_model_arg, action='append', default=[], metavar='KEY=VALUE',
+                        help='constructor argument for every model (JSON value, or a comma list of strings), e.g. '
+                             'bands=B01,B02,B03 or "wavelengths=[0.665,0.56,0.49]"; repeatable')
     parser.add_argument('--budget-s', type=_non_negative_float('--budget-s'), default=None,
                         help='time budget of the run: batch sizes and models not started by then become skipped rows')
     parser.add_argument('--no-peak', action='store_true', help='skip the matmul peak measurement')
@@ -1361,7 +1389,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         modes=list(args.mode), channels_last=args.channels_last, compile=args.compile, compare=args.compare,
         device=str(device), warmup=args.warmup, iters=args.iters, min_seconds=args.min_seconds,
         peak=not args.no_peak, tf32=args.tf32, max_batch=args.max_batch, budget_s=args.budget_s or None,
-        quiet=args.quiet)
+        model_kwargs=dict(args.model_arg), quiet=args.quiet)
 
 
 def main_bench(args: argparse.Namespace) -> int:
@@ -1413,7 +1441,8 @@ def benchmark_model(
     from . import create_model
     from .transforms import example_call
     device = torch.device(device)
-    name = model if isinstance(model, str) else getattr(getattr(model, 'pretrained_cfg', None), 'name', type(model).__name__)
+    name = model if isinstance(model, str) else \
+        getattr(getattr(model, 'pretrained_cfg', None), 'name', type(model).__name__)
     if isinstance(model, str):
         model = create_model(model, pretrained=False, **(model_kwargs or {}))
     if mode not in ('forward', 'features'):

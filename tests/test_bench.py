@@ -151,7 +151,7 @@ def test_run_bench_all_cpu_modes_and_precisions(tmp_path):
         (b, m, p) for b in (1, 2) for m in ('features', 'forward', 'train') for p in CPU_PRECISIONS}
     for r in rows:
         assert tuple(r) == ROW_FIELDS and r['status'] == 'ok', r
-        assert r['samples_per_s'] > 0 and r['iters'] == 2 and r['image_size'] == '32x32'
+        assert r['samples_per_s'] > 0 and r['iters'] == 2 and r['image_size'] == '32x32' and r['channels'] == '3'
         assert r['latency_ms_p99'] >= r['latency_ms_p90'] >= r['latency_ms_median'] > 0
         assert r['params'] == sum(p.numel() for p in tiny_models.TinyCNN().parameters())
         assert r['mem_kind'] in ('cpu_rss_growth', 'cpu_maxrss_growth') and r['peak_mem_mb'] >= 0
@@ -295,6 +295,7 @@ def _parser():
     (['x', '--device', 'tpu'], '--device must be cpu, cuda or cuda:N'),
     (['x', '--iters', '1.5'], '--iters must be a positive integer'),
     (['x', '--min-seconds', 'nan'], '--min-seconds must be a number >= 0'),
+    (['x', '--model-arg', 'bands'], '--model-arg must be KEY=VALUE'),
 ])
 def test_bad_options_fail_at_parse_time_with_one_line(argv, msg, capsys):
     with pytest.raises(SystemExit) as e:
@@ -309,6 +310,17 @@ def test_parse_good_options():
                               'infer,train', '--device', 'cpu'])
     assert a.batch_sizes == 'auto' and a.precision == ['fp32', 'auto'] and a.mode == ['infer', 'train']
     assert _parser().parse_args(['x', '--batch-sizes', '1,8,32']).batch_sizes == [1, 8, 32]
+    a = _parser().parse_args(['x', '--model-arg', 'bands=B04,B03', '--model-arg', 'wavelengths=[0.665, 0.56]',
+                              '--model-arg', 'missing=zeros'])
+    assert a.model_arg == [('bands', ['B04', 'B03']), ('wavelengths', [0.665, 0.56]), ('missing', 'zeros')]
+
+
+def test_model_kwargs_reach_the_constructor():
+    rows = run_bench(_cfg(models=['test_dofa'], model_kwargs={'bands': ['B04', 'B03']}, precisions=['fp32', 'auto'],
+                          compare=False))['rows']
+    assert all(r['status'] == 'ok' and r['channels'] == '2' for r in rows)
+    bad = run_bench(_cfg(model_kwargs={'no_such_argument': 1}))['rows']
+    assert len(bad) == 1 and bad[0]['status'] == 'error' and bad[0]['error'].startswith('build: ')
 
 
 @pytest.mark.parametrize('argv, msg', [
