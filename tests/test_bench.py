@@ -176,7 +176,7 @@ def test_run_bench_all_cpu_modes_and_precisions(tmp_path):
         reader = csv.DictReader(f)
         assert tuple(reader.fieldnames) == ROW_FIELDS and len(list(reader)) == len(rows)
     md = (tmp_path / 'bench.md').read_text()
-    assert '## Matmul peak' in md and '| test_tiny_cnn | eobackbones | train | auto | 2 | 32x32 |' in md
+    assert '## Matmul peak' in md and '| test_tiny_cnn | eobackbones | train | auto | 2 | 3 x 32x32 |' in md
 
 
 def _copy_peer(model, x, device):
@@ -352,7 +352,7 @@ def test_throughput_script_writes_json_csv_md(tmp_path, capsys):
     rows = json.loads((tmp_path / 'bench.json').read_text())['rows']
     assert len(rows) == 2 * 2 * 2 and all(r['status'] == 'ok' for r in rows)
     assert (tmp_path / 'bench.csv').read_text().startswith(','.join(ROW_FIELDS[:3]))
-    assert '| test_tiny_cnn | eobackbones | features | fp32 | 1 | 32x32 |' in capsys.readouterr().out
+    assert '| test_tiny_cnn | eobackbones | features | fp32 | 1 | 3 x 32x32 |' in capsys.readouterr().out
 
 
 def test_benchmark_model_row():
