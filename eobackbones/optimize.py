@@ -14,9 +14,12 @@ checked by ``tests/test_optimize.py``):
   promote activations back to float32;
 - channels-last memory format for models with 2-D convolutions (``channels_last=None`` decides: oneDNN and
   cuDNN run bf16 / fp16 convolutions in NHWC; on CPU this is the largest single gain for the ResNets);
-- on CPU with bf16 weights, timm ``Mlp`` blocks with exact GELU run ``fc1`` + bias + GELU as one oneDNN
-  kernel (``torch.ops.mkldnn._linear_pointwise``), which saves a full pass over the widest activation of
-  every transformer block (eager only: with ``compile=True`` Inductor does its own fusions);
+- on CPU with bf16 weights, every ``nn.Linear`` runs through oneDNN's linear with the bias in the kernel's
+  epilogue, and timm ``Mlp`` blocks with exact GELU run ``fc1`` + bias + GELU as one kernel
+  (``torch.ops.mkldnn._linear_pointwise``): no separate pass for the bias broadcast (PyTorch's ``addmm``
+  writes it into the output first) nor for GELU over the widest activation of every transformer block.
+  Done by swapping the class of existing modules (same parameters, same state-dict keys); eager only: with
+  ``compile=True`` Inductor does its own fusions;
 - optionally ``torch.compile`` of ``forward_features`` with Inductor's weight freezing (``compile=True``).
 
 Inputs: floating tensors passed positionally (a tensor or a dict of tensors) are cast to the compute dtype;
@@ -29,12 +32,13 @@ import logging
 from typing import Any, Literal, Optional
 
 import torch
+from timm.layers import Mlp
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .precision import cpu_has_native_bf16, resolve_precision  # noqa: F401  (re-exported for compatibility)
 
-__all__ = ['optimize_for_inference', 'InferenceModel', 'FusedGeluMlp', 'cast_for_inference']
+__all__ = ['optimize_for_inference', 'InferenceModel', 'FusedGeluMlp', 'PointwiseLinear', 'cast_for_inference']
 
 _logger = logging.getLogger(__name__)
 
@@ -96,41 +100,58 @@ class InferenceModel(nn.Module):
         return f'dtype={self.dtype}, channels_last={self.channels_last}'
 
 
-class FusedGeluMlp(nn.Module):
-    """timm ``Mlp`` (``fc1`` -> exact GELU -> ``fc2``) with ``fc1`` + bias + GELU as one oneDNN kernel (CPU)."""
+class PointwiseLinear(nn.Linear):
+    """``nn.Linear`` through oneDNN's linear with the bias in the kernel (``torch.ops.mkldnn._linear_pointwise``).
 
-    def __init__(self, mlp: nn.Module) -> None:
-        super().__init__()
-        self.fc1 = mlp.fc1
-        self.fc2 = mlp.fc2
+    PyTorch's CPU ``addmm`` first broadcasts the bias into the output and then accumulates the product into it,
+    one extra pass over every linear's output; here the bias is added in the GEMM's epilogue. Same parameters and
+    state-dict keys as ``nn.Linear``: optimize_for_inference swaps the class of existing modules in place.
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.ops.mkldnn._linear_pointwise(x, self.fc1.weight, self.fc1.bias, 'gelu', [], 'none')
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.weight, self.bias, 'none', [], '')
+
+
+class FusedGeluMlp(Mlp):
+    """timm ``Mlp`` (``fc1`` -> exact GELU -> ``fc2``) with ``fc1`` + bias + GELU as one oneDNN kernel (CPU).
+
+    Swapped in as the class of an existing ``Mlp`` (same attributes and state-dict keys), see
+    :func:`optimize_for_inference`.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.fc1.weight, self.fc1.bias, 'gelu', [], 'none')
         return self.fc2(x)
 
 
 def _fusable_gelu_mlp(mod: nn.Module) -> bool:
-    from timm.layers import Mlp
     return (type(mod) is Mlp and isinstance(mod.fc1, nn.Linear) and isinstance(mod.fc2, nn.Linear)
             and type(mod.act) is nn.GELU and mod.act.approximate == 'none' and isinstance(mod.norm, nn.Identity)
             and all(isinstance(d, (nn.Identity, nn.Dropout)) for d in (mod.drop1, mod.drop2)))
 
 
-def _use_fused_gelu_mlp(device: torch.device, dtype: torch.dtype) -> bool:
-    # measured on CPUs with AVX512-BF16 / AMX: GELU over (B * N, 4 D) bf16 costs ~10-50 % of fc1 on its own
+def _use_onednn_linear(device: torch.device, dtype: torch.dtype) -> bool:
+    # measured on CPUs with AMX / AVX512-BF16 (bf16 weights): GELU over (B * N, 4 D) costs 10-50 % of fc1 on its
+    # own, and addmm's bias broadcast 10-30 % of a linear; both vanish in oneDNN's epilogue
     return (device.type == 'cpu' and dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
             and hasattr(torch.ops.mkldnn, '_linear_pointwise'))
 
 
 def _swap_modules(model: nn.Module, device: torch.device, dtype: torch.dtype) -> int:
-    """Replace modules by faster equivalents for ``device`` / ``dtype``; returns the number replaced."""
-    if not _use_fused_gelu_mlp(device, dtype):
+    """Give modules faster forwards for ``device`` / ``dtype`` (class swap: same parameters and keys).
+
+    Returns the number of modules changed.
+    """
+    if not _use_onednn_linear(device, dtype):
         return 0
     n = 0
-    for name, mod in list(model.named_modules()):
-        if name and _fusable_gelu_mlp(mod):
-            parent, _, leaf = name.rpartition('.')
-            setattr(model.get_submodule(parent) if parent else model, leaf, FusedGeluMlp(mod))
+    for mod in model.modules():
+        if _fusable_gelu_mlp(mod):
+            mod.__class__ = FusedGeluMlp
+            n += 1
+    for mod in model.modules():
+        if type(mod) is nn.Linear and mod.bias is not None and mod.weight.dtype == dtype:
+            mod.__class__ = PointwiseLinear
             n += 1
     return n
 

@@ -1,6 +1,7 @@
 """The inference fast path on every registered model, and the rules it casts by."""
 from __future__ import annotations
 
+import copy
 import fnmatch
 
 import pytest
@@ -10,7 +11,7 @@ from torch import nn
 
 import eobackbones
 from eobackbones import optimize
-from eobackbones.optimize import FusedGeluMlp, cast_for_inference, optimize_for_inference
+from eobackbones.optimize import FusedGeluMlp, PointwiseLinear, cast_for_inference, optimize_for_inference
 from eobackbones.precision import resolve_precision
 from eobackbones.transforms import example_call
 
@@ -137,31 +138,43 @@ def test_dofa_wavelengths_stay_exact():
     assert F.cosine_similarity(out, ref).min() >= 0.9999
 
 
-@pytest.mark.skipif(not optimize._use_fused_gelu_mlp(torch.device('cpu'), torch.bfloat16),
-                    reason='no oneDNN fused linear on this build')
-def test_fused_gelu_mlp_equals_mlp():
+ONEDNN = optimize._use_onednn_linear(torch.device('cpu'), torch.bfloat16)
+
+
+@pytest.mark.skipif(not ONEDNN, reason='no oneDNN fused linear on this build')
+def test_onednn_swaps_match_the_modules_they_replace():
     from timm.layers import Mlp
     torch.manual_seed(0)
-    mlp = Mlp(64, 256).eval().to(torch.bfloat16)
-    assert optimize._fusable_gelu_mlp(mlp)
-    fused = FusedGeluMlp(mlp)
-    x = torch.randn(2, 10, 64, dtype=torch.bfloat16)
+    ref = nn.Sequential(Mlp(64, 256), nn.Linear(64, 32)).eval()
+    fast = copy.deepcopy(ref).to(torch.bfloat16)
+    keys = list(fast.state_dict())
+    assert optimize._swap_modules(fast, torch.device('cpu'), torch.bfloat16) == 4  # Mlp, fc1, fc2, the linear
+    assert type(fast[0]) is FusedGeluMlp and isinstance(fast[0], Mlp)
+    assert type(fast[0].fc2) is PointwiseLinear and type(fast[1]) is PointwiseLinear
+    assert list(fast.state_dict()) == keys  # same parameters, same keys
+    x = torch.randn(2, 10, 64)
     with torch.no_grad():
-        ref = Mlp(64, 256).eval()
-        ref.load_state_dict({k: v.float() for k, v in mlp.state_dict().items()})
-        r = ref(x.float())
-        assert F.cosine_similarity(fused(x).float().flatten(1), r.flatten(1)).min() >= 0.9999
+        out = fast(x.to(torch.bfloat16)).float()
+        assert F.cosine_similarity(out.flatten(1), ref(x).flatten(1)).min() >= 0.9999
+        # a non-contiguous input (a transposed view) is fine
+        xt = torch.randn(2, 64, 10).transpose(1, 2)
+        assert F.cosine_similarity(fast[1](xt.to(torch.bfloat16)).float().flatten(1),
+                                   ref[1](xt).flatten(1)).min() >= 0.9999
     assert not optimize._fusable_gelu_mlp(Mlp(64, 256, act_layer=nn.ReLU))
     assert not optimize._fusable_gelu_mlp(Mlp(64, 256, act_layer=lambda: nn.GELU(approximate='tanh')))
 
 
-def test_fused_mlp_only_where_measured(monkeypatch):
+def test_onednn_swaps_only_where_measured(monkeypatch):
     model = eobackbones.create_model('dofa_small', img_size=SMALL).eval()
     fp32 = optimize_for_inference(model, precision='fp32')
-    assert not any(isinstance(m, FusedGeluMlp) for m in fp32.modules())
-    monkeypatch.setattr(optimize, '_use_fused_gelu_mlp', lambda device, dtype: True)
+    assert not any(isinstance(m, (FusedGeluMlp, PointwiseLinear)) for m in fp32.modules())
+    monkeypatch.setattr(optimize, '_use_onednn_linear', lambda device, dtype: True)
     bf16 = optimize_for_inference(model, precision='bf16')
-    assert sum(isinstance(m, FusedGeluMlp) for m in bf16.modules()) == len(model.blocks)
+    assert sum(type(m) is FusedGeluMlp for m in bf16.modules()) == len(model.blocks)
+    # the hypernetwork's linears stay float32 nn.Linear (keep_fp32)
+    assert not any(isinstance(m, PointwiseLinear) for m in bf16.model.patch_embed.modules())
+    assert type(bf16.model.blocks[0].attn.qkv) is PointwiseLinear
+    assert not any(isinstance(m, (FusedGeluMlp, PointwiseLinear)) for m in model.modules())  # original untouched
 
 
 def test_precision_errors():
