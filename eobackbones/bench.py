@@ -64,12 +64,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
+import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils import flop_counter
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
 
+from .models import create_model, list_models
+from .optimize import optimize_for_inference
 from .precision import PRECISIONS, autocast, cpu_flags, describe_precision, dtype_name, resolve_precision
+from .transforms import example_call
 
 __all__ = [
     'add_bench_args', 'main_bench', 'run_bench', 'write_report', 'markdown_report', 'plot_report',
@@ -312,7 +318,7 @@ class _GemmShapes(TorchDispatchMode):
 
 def _flop_mapping() -> Dict[Any, Any]:
     """Formulas FlopCounterMode lacks: the CPU flash-attention kernels count as the fused ones do."""
-    from torch.utils import flop_counter as fc
+    fc = flop_counter
     aten = torch.ops.aten
     out = {}
     if hasattr(aten, '_scaled_dot_product_flash_attention_for_cpu'):
@@ -324,7 +330,6 @@ def _flop_mapping() -> Dict[Any, Any]:
 
 def count_flops(fn: Callable[[], Any], repeat: int = 2) -> Tuple[int, Dict[Tuple[int, int, int], float]]:
     """FLOPs (2 x MACs) of the last of ``repeat`` calls of ``fn`` (steady state) and its GEMM shapes."""
-    from torch.utils.flop_counter import FlopCounterMode
     for _ in range(repeat - 1):
         fn()
     shapes = _GemmShapes()
@@ -501,7 +506,6 @@ def _copy_weights(peer: nn.Module, state: Dict[str, torch.Tensor]) -> bool:
 
 
 def _timm_peer(arch: str, model: nn.Module, x: Any, device: torch.device) -> _Peer:
-    import timm
     spec = model.input_spec
     size = tuple(int(s) for s in _size_of(x).split('x'))
     state = model.state_dict()
@@ -518,7 +522,7 @@ def _timm_peer(arch: str, model: nn.Module, x: Any, device: torch.device) -> _Pe
 
 
 def _torchgeo_dofa_peer(model: nn.Module, x: Any, device: torch.device) -> _Peer:
-    import torchgeo.models.dofa as tgd
+    import torchgeo.models.dofa as tgd  # optional dependency: without it the DOFA peer is a skipped row
     size = {768: 'base', 1024: 'large', 1280: 'huge', 384: 'small'}[model.embed_dim]
     arch = f'dofa_{size}_patch{model.patch_size}_224'
     net = getattr(tgd, arch)(num_classes=0)
@@ -596,7 +600,6 @@ class _Candidate:
 
 def _build(name: str, img_size: Optional[int], device: Optional[torch.device] = None,
            model_kwargs: Optional[Dict[str, Any]] = None) -> nn.Module:
-    from . import create_model
     torch.manual_seed(0)
     ctx = torch.device(device) if device is not None and torch.device(device).type == 'meta' else \
         contextlib.nullcontext()
@@ -640,7 +643,6 @@ class _Runner:
 
     # -- inputs
     def example(self, batch: int) -> Tuple[Any, Dict[str, Any]]:
-        from .transforms import example_call
         x, kw = example_call(self.model, batch_size=batch, image_size=self.cfg.img_size, seed=0, device=self.device)
         if self.cfg.channels_last:
             x = _channels_last(x)
@@ -696,7 +698,6 @@ class _Runner:
 
     # -- candidates
     def fast(self, compiled: bool) -> Any:
-        from .optimize import optimize_for_inference
         if compiled not in self._fast:
             self._fast[compiled] = optimize_for_inference(
                 self.model, precision='auto', compile=compiled, channels_last=True if self.cfg.channels_last else None)
@@ -1196,7 +1197,7 @@ def write_report(report: Dict[str, Any], out: Union[str, Path], plot: bool = Fal
 
 def plot_report(report: Dict[str, Any], out: Union[str, Path]) -> List[Path]:
     """samples/s vs batch, memory vs batch (per model, precision, impl), and fraction of peak (bar chart)."""
-    import matplotlib
+    import matplotlib  # optional dependency (--plot)
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     out = Path(out)
@@ -1367,7 +1368,6 @@ def _bench_error(msg: str) -> int:
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
     """The validated :class:`BenchConfig` of parsed arguments; ValueError with one line for what parsing cannot see."""
-    from . import list_models
     device = torch.device(args.device)
     if device.type == 'cuda':
         if not torch.cuda.is_available():
@@ -1438,8 +1438,6 @@ def benchmark_model(
         model_kwargs: passed to ``create_model`` when ``model`` is a name.
         fn: custom ``fn(model, x)`` to time instead of ``mode``.
     """
-    from . import create_model
-    from .transforms import example_call
     device = torch.device(device)
     name = model if isinstance(model, str) else \
         getattr(getattr(model, 'pretrained_cfg', None), 'name', type(model).__name__)
