@@ -230,6 +230,6 @@ def optimize_for_inference(
         # freezing turns weights into constants so Inductor can pre-pack them (needs inference mode, which
         # InferenceModel always uses); the model is frozen here anyway
         m.forward_features = torch.compile(m.forward_features, options={'freezing': True})
-    _logger.info('optimize_for_inference: %s on %s, channels_last=%s, %d fused MLPs', dtype, device,
+    _logger.info('optimize_for_inference: %s on %s, channels_last=%s, %d modules swapped', dtype, device,
                  channels_last, swapped)
     return InferenceModel(m, dtype, channels_last)
