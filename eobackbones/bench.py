@@ -572,6 +572,7 @@ class BenchConfig:
     max_batch: int = 4096
     budget_s: Optional[float] = None
     model_kwargs: Dict[str, Any] = field(default_factory=dict)
+    threads: Optional[int] = None
     quiet: bool = False
 
 
@@ -806,7 +807,10 @@ def run_bench(cfg: BenchConfig, log: Optional[Callable[[str], None]] = None) -> 
     log = log or (lambda s: None if cfg.quiet else print(s, file=sys.stderr, flush=True))
     device = torch.device(cfg.device)
     tf32_before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    threads_before = torch.get_num_threads()
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     try:
         env = environment(device)
         rows: List[Dict[str, Any]] = []
@@ -847,6 +851,7 @@ def run_bench(cfg: BenchConfig, log: Optional[Callable[[str], None]] = None) -> 
                     notes=_NOTES)
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32_before
+        torch.set_num_threads(threads_before)
 
 
 _NOTES = [
@@ -1355,6 +1360,9 @@ def add_bench_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                              'bands=B01,B02,B03 or "wavelengths=[0.665,0.56,0.49]"; repeatable')
     parser.add_argument('--budget-s', type=_non_negative_float('--budget-s'), default=None,
                         help='time budget of the run: batch sizes and models not started by then become skipped rows')
+    parser.add_argument('--threads', type=_positive_int('--threads'), default=None,
+                        help='CPU threads for the run (torch.set_num_threads; default: torch\'s); on a shared, loaded '
+                             'machine 1 thread gives far steadier ratios than threads that wait on each other')
     parser.add_argument('--no-peak', action='store_true', help='skip the matmul peak measurement')
     parser.add_argument('--tf32', action='store_true', help='allow TF32 on CUDA (default off: fp32 means fp32)')
     parser.add_argument('--quiet', action='store_true', help='no progress lines, no table on stdout')
@@ -1389,7 +1397,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         modes=list(args.mode), channels_last=args.channels_last, compile=args.compile, compare=args.compare,
         device=str(device), warmup=args.warmup, iters=args.iters, min_seconds=args.min_seconds,
         peak=not args.no_peak, tf32=args.tf32, max_batch=args.max_batch, budget_s=args.budget_s or None,
-        model_kwargs=dict(args.model_arg), quiet=args.quiet)
+        model_kwargs=dict(args.model_arg), threads=args.threads, quiet=args.quiet)
 
 
 def main_bench(args: argparse.Namespace) -> int:

@@ -274,6 +274,14 @@ def test_compile_reports_compile_time(monkeypatch):
         r['compile_s'] is None for r in rows if not r['compiled'])
 
 
+def test_threads_option_is_recorded_and_restored():
+    before = torch.get_num_threads()
+    report = run_bench(_cfg(threads=2))
+    assert report['env']['threads'] == 2 and report['config']['threads'] == 2
+    assert torch.get_num_threads() == before
+    assert _parser().parse_args(['x', '--threads', '3']).threads == 3
+
+
 def test_channels_last_and_img_size():
     rows = run_bench(_cfg(channels_last=True, img_size=48, precisions=['fp32', 'auto']))['rows']
     assert all(r['status'] == 'ok' and r['channels_last'] and r['image_size'] == '48x48' for r in rows)
