@@ -160,6 +160,15 @@ def test_onednn_swaps_match_the_modules_they_replace():
         xt = torch.randn(2, 64, 10).transpose(1, 2)
         assert F.cosine_similarity(fast[1](xt.to(torch.bfloat16)).float().flatten(1),
                                    ref[1](xt).flatten(1)).min() >= 0.9999
+        # the reordered weight follows the weight, and copies drop it (it is opaque)
+        packed = fast[1].packed_weight()
+        assert fast[1].packed_weight() is packed
+        twin = copy.deepcopy(fast)
+        assert '_packed' not in twin[1].__dict__ and torch.equal(twin(x.to(torch.bfloat16)), fast(x.to(torch.bfloat16)))
+        fast[1].weight.mul_(2)
+        assert fast[1].packed_weight() is not packed
+        assert F.cosine_similarity(fast[1](x.to(torch.bfloat16)).float().flatten(1),
+                                   2 * ref[1](x).flatten(1) - ref[1].bias.repeat(2, 10, 1).flatten(1)).min() > 0.99
     assert not optimize._fusable_gelu_mlp(Mlp(64, 256, act_layer=nn.ReLU))
     assert not optimize._fusable_gelu_mlp(Mlp(64, 256, act_layer=lambda: nn.GELU(approximate='tanh')))
 
