@@ -39,7 +39,9 @@ x mode x precision:
   samples/s over the peer's at the same mode, batch and precision.
 
 TF32 is off by default on CUDA (``--tf32`` allows it), so ``fp32`` means float32 in both the speed and the
-fidelity columns. Outputs: ``bench.json`` (environment, matmul peaks, rows), ``bench.csv``, ``bench.md`` and with
+fidelity columns. On a shared CPU, compare rows of one run (they are interleaved) and read the load average
+the report records: the peak is a best-of over short GEMMs while rows are medians of long calls, so load
+lowers the fractions of peak; ``--threads 1`` keeps ratios steady where threads would wait on each other. Outputs: ``bench.json`` (environment, matmul peaks, rows), ``bench.csv``, ``bench.md`` and with
 ``--plot`` PNGs, under ``--out``.
 """
 from __future__ import annotations
