@@ -274,6 +274,19 @@ def test_compile_reports_compile_time(monkeypatch):
         r['compile_s'] is None for r in rows if not r['compiled'])
 
 
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16, torch.float16])
+def test_train_step_updates_weights(dtype):
+    """One training step per precision; fp16 goes through a GradScaler (the CUDA path, run here on CPU)."""
+    torch.manual_seed(0)
+    m = nn.Linear(8, 4)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+    w0 = m.weight.detach().clone()
+    step = bench._train_step(opt, lambda: m(torch.randn(3, 8)), dtype, torch.device('cpu'))
+    step()
+    step()
+    assert not torch.equal(w0, m.weight) and m.weight.dtype == torch.float32
+
+
 def test_threads_option_is_recorded_and_restored():
     before = torch.get_num_threads()
     report = run_bench(_cfg(threads=2))
