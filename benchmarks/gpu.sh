@@ -3,11 +3,12 @@
 #
 #     benchmarks/gpu.sh [OUT_DIR]          # default benchmarks/results/gpu-<date>
 #     PYTHON=.venv/bin/python benchmarks/gpu.sh
-#     DEVICE=cpu BATCHES=1 ITERS=2 INFER_BUDGET=60 TRAIN_BUDGET=30 MAXB_BUDGET=10 benchmarks/gpu.sh /tmp/dry
+#     DEVICE=cpu BATCHES=1 TRAIN_BATCH=1 ITERS=1 INFER_BUDGET=20 TRAIN_BUDGET=10 MAXB_BUDGET=5 benchmarks/gpu.sh /tmp/dry
 #                                          # a dry run of the script's plumbing on a CPU machine
 #
-# Stages (each with a time budget: batch sizes or models not started in time become "skipped" rows, so the
-# whole run stays under 8 minutes whatever the GPU):
+# Stages, each with a time budget (250 / 110 / 50 s): batch sizes or models not started in time become
+# "skipped" rows; a (model, batch) group already started finishes, so the run is sized for < 8 minutes on one
+# H200-class GPU with margin for one long group (not yet run on a GPU: no device was available when written):
 #   1. infer/   every registered model (families' native-size representatives first), pooled features and
 #               full forward, batch 1 / 32 / 256, fp32 / bf16 / fp16 autocast / auto (the fast path), each
 #               against its peer (torchgeo DOFA, timm ResNet-50/18, timm Swin-T) in the same process.
@@ -19,14 +20,16 @@
 # Add --tf32 to a stage to see what TF32 changes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's package, installed or not
 PY=${PYTHON:-python}
 OUT=${1:-benchmarks/results/gpu-$(date +%Y%m%d-%H%M%S)}
 DEVICE=${DEVICE:-cuda}
 INFER_BUDGET=${INFER_BUDGET:-250}
 TRAIN_BUDGET=${TRAIN_BUDGET:-110}
 MAXB_BUDGET=${MAXB_BUDGET:-50}
-ITERS=${ITERS:-20}
+ITERS=${ITERS:-10}
 BATCHES=${BATCHES:-1,32,256}
+TRAIN_BATCH=${TRAIN_BATCH:-32}
 PRECISIONS=fp32,bf16,fp16,auto
 [ "$DEVICE" = cpu ] && PRECISIONS=fp32,bf16,auto
 
@@ -57,12 +60,12 @@ known = ('dofa_', 'dualsimclr_', 'sslswin_')
 print(' '.join([n for n in first if n in names] + [n for n in names if not n.startswith(known)]))
 PY
 )"
-COMMON=(--device "$DEVICE" --compare --warmup 3 --iters "$ITERS" --plot --quiet)
+COMMON=(--device "$DEVICE" --compare --warmup 2 --iters "$ITERS" --plot --quiet)
 
 start=$(date +%s)
 "$PY" benchmarks/throughput.py "${MODELS[@]}" "${COMMON[@]}" --mode infer --batch-sizes "$BATCHES" \
     --precision "$PRECISIONS" --budget-s "$INFER_BUDGET" --out "$OUT/infer"
-"$PY" benchmarks/throughput.py "${MODELS[@]}" "${COMMON[@]}" --mode train --batch-sizes 32 \
+"$PY" benchmarks/throughput.py "${MODELS[@]}" "${COMMON[@]}" --mode train --batch-sizes "$TRAIN_BATCH" \
     --precision fp32,bf16,auto --budget-s "$TRAIN_BUDGET" --out "$OUT/train"
 "$PY" benchmarks/throughput.py "${REPS[@]}" --device "$DEVICE" \
     --mode infer --batch-sizes auto --max-batch 2048 --precision auto --warmup 2 --iters 5 --plot --quiet \
