@@ -3,12 +3,15 @@
 What it does (each step keeps pooled features within cosine 0.9999 of float32 on every registered model,
 checked by ``tests/test_optimize.py``):
 
-- eval mode, ``requires_grad`` off, ``torch.inference_mode`` around every call;
+- eval mode, ``requires_grad`` off, ``torch.inference_mode`` and autocast in the compute dtype around every
+  call (models are autocast-safe by contract; with the weights already low-precision, autocast only brings
+  float32 tensors a model computes on purpose, e.g. timestep embeddings, to the layers' dtype);
 - fused attention (``F.scaled_dot_product_attention``) in every timm attention layer;
 - low-precision *weights* (bf16 / fp16) rather than autocast, so no per-call weight casts. What is never
   rounded: parameters of modules that declare ``keep_fp32 = True`` (DOFA's wavelength hypernetwork, which
-  casts its generated kernel itself), BatchNorm parameters and statistics (``batch_norm`` takes bf16 / fp16
-  input with float32 statistics on CPU and CUDA, which is how autocast runs it too), and every floating buffer
+  casts its generated kernel itself), parameters and statistics of normalisation layers (BatchNorm, LayerNorm,
+  GroupNorm: their kernels take bf16 / fp16 input with float32 parameters on CPU and CUDA, which is how
+  autocast runs them too, and float32-on-purpose layers such as GroupNorm32 keep working), and every floating buffer
   whose values the low precision cannot hold exactly (DOFA's bound wavelengths, timestep frequency tables).
   Buffers that survive the round trip bit-exactly (Swin's 0 / -100 attention masks) are cast so they do not
   promote activations back to float32;
@@ -23,9 +26,10 @@ checked by ``tests/test_optimize.py``):
   ``compile=True`` Inductor does its own fusions;
 - optionally ``torch.compile`` of ``forward_features`` with Inductor's weight freezing (``compile=True``).
 
-Inputs: floating tensors passed positionally (a tensor or a dict of tensors) are cast to the compute dtype;
-keyword arguments (wavelengths, timesteps, conditioning) are passed unchanged, so a model that takes a
-floating conditioning tensor must bring it to its activations' dtype itself. Outputs are returned as float32.
+Inputs: floating tensors passed positionally (a tensor or a dict of tensors) and the keyword conditions the
+model's ``input_spec`` declares (``conditions``: data such as a ``context`` vector) are cast to the compute
+dtype; other keyword arguments (call arguments such as a ``timestep``, DOFA's ``wavelengths``) pass unchanged,
+never rounded. Outputs are returned as float32.
 The precision rule (``auto``) is :mod:`eobackbones.precision`'s.
 """
 import copy
@@ -37,7 +41,7 @@ from timm.layers import Mlp
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .precision import cpu_has_native_bf16, resolve_precision  # noqa: F401  (re-exported for compatibility)
+from .precision import autocast, cpu_has_native_bf16, resolve_precision  # noqa: F401  (cpu_has_native_bf16: compat)
 
 __all__ = ['optimize_for_inference', 'InferenceModel', 'FusedGeluMlp', 'PointwiseLinear', 'cast_for_inference']
 
@@ -69,19 +73,32 @@ def _to_float(obj: Any) -> Any:
 
 class InferenceModel(nn.Module):
     """A frozen model running in ``dtype``; ``forward`` / ``forward_features`` / ``forward_head`` /
-    ``forward_intermediates`` take float32 (or any float) inputs and return float32."""
+    ``forward_intermediates`` take float32 (or any float) inputs and return float32.
 
-    def __init__(self, model: nn.Module, dtype: torch.dtype, channels_last: bool = False) -> None:
+    Floating inputs are cast to ``dtype``: the positional input (a tensor or a dict of modality tensors) and
+    the keyword arguments the model's ``input_spec`` declares as *conditions* (data such as a normalised
+    ``context`` vector). Every other keyword argument (call arguments such as a diffusion ``timestep``, DOFA's
+    ``wavelengths``, seeds) passes unchanged, so it is never rounded. Calls run under autocast in ``dtype``
+    (models are autocast-safe by contract): tensors a model computes in float32 on purpose (a timestep
+    embedding from a float32 frequency table) meet the low-precision layers as they do in mixed precision,
+    while the weights are already in ``dtype``, so autocast casts no weight per call.
+    """
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype, channels_last: bool = False,
+                 device: Optional[torch.device] = None) -> None:
         super().__init__()
         self.model = model
         self.dtype = dtype
         self.channels_last = channels_last
+        self._autocast = autocast(device or torch.device('cpu'), dtype)
         self.input_spec = getattr(model, 'input_spec', None)
         self.pretrained_cfg = getattr(model, 'pretrained_cfg', None)
+        self._conditions = frozenset(c.name for c in getattr(self.input_spec, 'conditions', None) or ())
 
     def _run(self, fn, *args: Any, **kwargs: Any) -> Any:
-        with torch.inference_mode():
+        with torch.inference_mode(), self._autocast():
             args = tuple(_cast(a, self.dtype, self.channels_last) for a in args)
+            kwargs = {k: _cast(v, self.dtype) if k in self._conditions else v for k, v in kwargs.items()}
             return _to_float(fn(*args, **kwargs))
 
     def forward(self, x: Any, **kwargs: Any) -> Any:
@@ -91,7 +108,7 @@ class InferenceModel(nn.Module):
         return self._run(self.model.forward_features, x, **kwargs)
 
     def forward_head(self, x: Any, pre_logits: bool = False) -> Any:
-        with torch.inference_mode():  # features come back as float32: into the head in the compute dtype
+        with torch.inference_mode(), self._autocast():  # features come back as float32: into the head in dtype
             return _to_float(self.model.forward_head(_cast(x, self.dtype), pre_logits=pre_logits))
 
     def forward_intermediates(self, x: Any, **kwargs: Any) -> Any:
@@ -122,7 +139,9 @@ class PointwiseLinear(nn.Linear):
         return cache[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed_weight(), self.bias, 'none', [], '')
+        # oneDNN wants one dtype (a float32 tensor a model computes on purpose meets a bf16 layer: cast as autocast)
+        x = x.to(self.weight.dtype).contiguous()
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight(), self.bias, 'none', [], '')
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
@@ -140,7 +159,7 @@ class FusedGeluMlp(Mlp):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fc1 = self.fc1
         w = fc1.packed_weight() if isinstance(fc1, PointwiseLinear) else fc1.weight
-        x = torch.ops.mkldnn._linear_pointwise(x.contiguous(), w, fc1.bias, 'gelu', [], 'none')
+        x = torch.ops.mkldnn._linear_pointwise(x.to(w.dtype).contiguous(), w, fc1.bias, 'gelu', [], 'none')
         return self.fc2(x)
 
 
@@ -177,6 +196,12 @@ def _swap_modules(model: nn.Module, device: torch.device, dtype: torch.dtype) ->
     return n
 
 
+# normalisation layers keep float32 parameters: their kernels take bf16 / fp16 input with float32 parameters on
+# CPU and CUDA (as under autocast), statistics are never rounded, and layers that compute in float32 on purpose
+# (OpenAI's GroupNorm32: x.float()) find float32 parameters
+_FP32_NORMS = (_BatchNorm, nn.LayerNorm, nn.GroupNorm)
+
+
 def _exact_in(t: torch.Tensor, dtype: torch.dtype) -> bool:
     low = t.to(dtype)
     return bool(torch.equal(low.to(t.dtype), t))
@@ -188,7 +213,7 @@ def cast_for_inference(model: nn.Module, dtype: torch.dtype) -> None:
         return
     keep = set()
     for m in model.modules():
-        if getattr(m, 'keep_fp32', False) or isinstance(m, _BatchNorm):
+        if getattr(m, 'keep_fp32', False) or isinstance(m, _FP32_NORMS):
             keep.update(id(t) for t in m.parameters())
             keep.update(id(t) for t in m.buffers())
     for p in model.parameters():
@@ -253,4 +278,4 @@ def optimize_for_inference(
         m.forward_features = torch.compile(m.forward_features, options={'freezing': True})
     _logger.info('optimize_for_inference: %s on %s, channels_last=%s, %d modules swapped', dtype, device,
                  channels_last, swapped)
-    return InferenceModel(m, dtype, channels_last)
+    return InferenceModel(m, dtype, channels_last, device)

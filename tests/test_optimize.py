@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -184,6 +185,53 @@ def test_onednn_swaps_only_where_measured(monkeypatch):
     assert not any(isinstance(m, PointwiseLinear) for m in bf16.model.patch_embed.modules())
     assert type(bf16.model.blocks[0].attn.qkv) is PointwiseLinear
     assert not any(isinstance(m, (FusedGeluMlp, PointwiseLinear)) for m in model.modules())  # original untouched
+
+
+class _Float32Norm(nn.GroupNorm):
+    """Computes in float32 on purpose and casts back (OpenAI's GroupNorm32)."""
+
+    def forward(self, x):
+        return super().forward(x.float()).type(x.dtype)
+
+
+class _Conditioned(nn.Module):
+    """Declares a ``context`` condition; ``timestep`` is a call argument (not in ``conditions``) whose float32
+    sinusoidal embedding (from a float32 frequency buffer) meets a low-precision linear layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 8)
+        self.context = nn.Linear(2, 8)
+        self.time = nn.Linear(8, 8)
+        self.norm = _Float32Norm(2, 8)
+        self.register_buffer('freqs', torch.exp(-torch.arange(4) * 2.3))
+        self.input_spec = SimpleNamespace(conditions=(SimpleNamespace(name='context'),))
+        self.seen = {}
+
+    def forward_features(self, x, context=None, timestep=None):
+        self.seen = dict(x=x.dtype, context=context.dtype, timestep=timestep)
+        arg = timestep.float() * self.freqs
+        temb = self.time(torch.cat([arg.sin(), arg.cos()]).expand(x.shape[0], -1))
+        return self.norm(self.proj(x) + self.context(context) + temb)
+
+    def forward_head(self, x, pre_logits=False):
+        return x
+
+    def forward(self, x, context=None, timestep=None):
+        return self.forward_features(x, context=context, timestep=timestep)
+
+
+def test_declared_conditions_are_cast_and_call_arguments_are_not():
+    m = _Conditioned().eval()
+    x, ctx, t = torch.randn(3, 4), torch.randn(3, 2), torch.tensor(999.0)
+    ref = m(x, context=ctx, timestep=t).detach()
+    fast = optimize_for_inference(m, precision='bf16')
+    assert fast.model.freqs.dtype == torch.float32 and fast.model.norm.weight.dtype == torch.float32
+    out = fast.forward_features(x, context=ctx, timestep=t)
+    seen = fast.model.seen
+    assert seen['x'] == seen['context'] == torch.bfloat16
+    assert seen['timestep'].dtype == torch.float32 and seen['timestep'].item() == 999.0  # never rounded (1000 in bf16)
+    assert F.cosine_similarity(out, ref).min() >= 0.999
 
 
 def test_precision_errors():
