@@ -92,3 +92,10 @@ def test_torch_hub_local(tmp_path):
     assert hubconf.dependencies == ['torch', 'timm', 'huggingface_hub', 'safetensors']
     entries = [f for f in dir(hubconf) if callable(getattr(hubconf, f)) and not f.startswith('_')]  # as torch.hub.list
     assert {'create_model', 'test_tiny_cnn'} <= set(entries)
+
+
+def test_bench_subcommand_is_wired(capsys, tmp_path):
+    code, _, err = _run(capsys, 'bench', 'no_such_model*', '--out', str(tmp_path))
+    assert code == 2 and err.strip() == "error: no model matches 'no_such_model*'; see `eobackbones list`"
+    code, _, err = _run(capsys, 'bench', 'test_tiny_cnn', '--precision', 'fp16', '--device', 'cpu', '--out', str(tmp_path))
+    assert code == 2 and 'fp16' in err and err.strip().count('\n') == 0
