@@ -17,3 +17,4 @@ from ..hub.weights import register_converter
 from . import dofa  # noqa: F401
 from . import dualsimclr  # noqa: F401
 from . import sslswin  # noqa: F401
+from . import diffusion_unet  # noqa: F401
