@@ -13,8 +13,6 @@ import gc
 import json
 import math
 import os
-import subprocess
-import sys
 import warnings
 import zlib
 from pathlib import Path
@@ -938,64 +936,18 @@ def test_sampler_runs_a_few_steps():
         DDPMObjective(_tiny('sr3')).sample((1, 6, 16, 16), start_step=1000)
 
 
-# ---------------------------------------------------------------- DDP: 2 processes (gloo) == 1 process
+# ---------------------------------------------------------------- the probe
 
-def _ddp_setup():
-    torch.manual_seed(0)
-    obj = DDPMObjective(DiffusionEncoder('sr3', TRAIN_SR3)).train()
-    s2, s1 = _ben_s1s2()
-    g = torch.Generator().manual_seed(1)
-    batch = obj.prepare(_crops(s2, s1, 8, 32, g))
-    t = obj.diffusion.sample_timesteps(8, torch.device('cpu'), g)
-    noise = torch.randn(batch.shape, generator=g)
-    return obj, batch, t, noise
-
-
-def _one_step(model, obj, x, t, noise):
-    opt = torch.optim.SGD(obj.parameters(), lr=0.5)
-    loss = model(x, t=t, noise=noise)
-    loss.backward()
-    opt.step()
-    return loss.detach()
-
-
-def _ddp_worker(out: str) -> None:
-    import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel
-    torch.set_num_threads(1)
-    dist.init_process_group('gloo')
-    try:
-        rank, world = dist.get_rank(), dist.get_world_size()
-        obj, batch, t, noise = _ddp_setup()
-        rows = slice(rank * 8 // world, (rank + 1) * 8 // world)
-        loss = _one_step(DistributedDataParallel(obj), obj, batch[rows], t[rows], noise[rows])
-        dist.all_reduce(loss)
-        if rank == 0:
-            torch.save({'world': world, 'loss': loss / world, 'state': obj.state_dict()}, out)
-    finally:
-        dist.destroy_process_group()
-
-
-@pytest.mark.slow
-def test_ddp_step_equals_single_process(tmp_path):
-    out = tmp_path / 'ddp.pt'
-    env = dict(os.environ, OMP_NUM_THREADS='1',
-               PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / 'tests'), os.environ.get('PYTHONPATH', '')]))
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
-           str(Path(__file__)), '--ddp-worker', str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    ddp = torch.load(out, weights_only=True)
-    obj, batch, t, noise = _ddp_setup()
-    loss = _one_step(obj, obj, batch, t, noise)
-    assert ddp['world'] == 2
-    torch.testing.assert_close(ddp['loss'], loss, rtol=1e-5, atol=1e-6)
-    moved = 0
-    for k, v in obj.state_dict().items():
-        torch.testing.assert_close(ddp['state'][k], v, rtol=1e-4, atol=1e-6, msg=k)
-        moved += 1
-    assert moved > 20
-
-
-if __name__ == '__main__' and len(sys.argv) > 2 and sys.argv[1] == '--ddp-worker':
-    _ddp_worker(sys.argv[2])
+def test_probe_classification_records_timestep_and_noise_seed(tmp_path):
+    """`eobackbones probe` on the embedded BigEarthNet sample: pooled classification map, the manifest's feature
+    kwargs passed with every forward and recorded in the rows."""
+    out = tmp_path / 'probe'
+    assert cli(['probe', '--model', 'test_diffusion_sr3', '--pretrained', 'none', '--label-fractions', '1.0',
+                '--seeds', '0', '--classifiers', 'logreg', '--n-boot', '20', '--l2-grid', '0.01', '1.0', '--quiet',
+                '--no-cache', '--device', 'cpu', '--out', str(out)]) == 0
+    r = json.loads((out / 'linear_probe.json').read_text())
+    row = next(x for x in r['rows'] if x['model'] == 'test_diffusion_sr3')
+    assert row['row'] == 'random-init' and json.loads(row['feature_kwargs']) == {'timestep': 1, 'noise_seed': 0}
+    assert json.loads(row['bands']) == {'s2': ['B04', 'B03', 'B02', 'B08'], 's1': ['VH', 'VV']}
+    assert row['norm'] == 'model-native' and row['feature_dim'] == 64 and 0 <= row['map_macro'] <= 1
+    assert 'feature_kwargs' in (out / 'linear_probe.csv').read_text().splitlines()[0]
