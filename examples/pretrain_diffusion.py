@@ -59,7 +59,7 @@ import eobackbones  # noqa: E402
 from eobackbones import transforms  # noqa: E402
 from eobackbones._io import atomic_path, atomic_write_text  # noqa: E402
 from eobackbones.data.datasets import ProbeData, nan_policy  # noqa: E402
-from eobackbones.pretrain.ddpm import DDPMObjective  # noqa: E402
+from eobackbones.pretrain import DDPMObjective  # noqa: E402
 
 DATASETS = ('bigearthnet-mini', 'folder', 'bigearthnet', 'bigearthnet-v2')
 _S1_BANDS = ('VV', 'VH')

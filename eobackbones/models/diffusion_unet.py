@@ -50,7 +50,7 @@ from torch.utils.checkpoint import checkpoint
 from ..cfg import PretrainedCfg
 from ..errors import CheckpointFormatError, InvalidInputError, MissingModalityError, WeightsNotFoundError
 from ..hub.weights import ConverterOption, ConvertTarget, register_converter
-from ..layers.timestep import SR3NoiseLevelEncoding, openai_timestep_embedding
+from ..layers import SR3NoiseLevelEncoding, openai_timestep_embedding
 from ..spec import CallArg, ConditionSpec, InputSpec
 from ._base import EOModelMixin
 from ._builder import adapt_spec, build_model_with_cfg
