@@ -1336,7 +1336,8 @@ def read_lightning_checkpoint(path: Union[str, Path]) -> Dict[str, torch.Tensor]
     (``torch.serialization.get_unsafe_globals_in_checkpoint``, which runs nothing), then loads with
     ``weights_only=True`` while each of them is bound to an inert placeholder class (:class:`_Opaque`), so
     torch's restricted unpickler builds placeholders instead of running their code. Only the tensors of
-    ``state_dict`` are returned; modules torch blocks outright (``os``, ``sys``, ...) still fail the load.
+    ``state_dict`` are returned (memory-mapped from the file: the rest, e.g. the optimizer state, is never read);
+    modules torch blocks outright (``os``, ``sys``, ...) still fail the load.
 
     Raises:
         WeightsNotFoundError: no file at ``path``.
@@ -1352,7 +1353,9 @@ def read_lightning_checkpoint(path: Union[str, Path]) -> Dict[str, torch.Tensor]
     stubs = [(type(name.rsplit('.', 1)[-1], (_Opaque,), {'__slots__': ()}), name) for name in unsafe]
     try:
         with torch.serialization.safe_globals(stubs):
-            raw = torch.load(str(path), map_location='cpu', weights_only=True)
+            # memory-mapped: only the tensors the state dict keeps are ever read (a Lightning file also holds the
+            # optimizer's moments, twice the weights' size)
+            raw = torch.load(str(path), map_location='cpu', weights_only=True, mmap=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointFormatError(f'{path.name}: refused or unreadable checkpoint ({first[:200]})') from None
