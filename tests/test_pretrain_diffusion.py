@@ -100,20 +100,24 @@ def test_data_errors_are_one_line(tmp_path, capsys):
         PD.main(['--model', 'test_diffusion_cm_cond', '--steps', '1', '--out', str(tmp_path / 'c')])
 
 
-def test_folder_dataset(tmp_path):
-    """One (H, W, C) .npy per sample, bands named in channel order; S1 recognised by name."""
+def test_folder_dataset_and_model_args(tmp_path):
+    """One (H, W, C) .npy per sample, bands named in channel order, S1 recognised by name; a registered architecture
+    made small with --model-args (merged into its nested arguments) saves a directory that loads back as built."""
     import numpy as np
     g = np.random.default_rng(0)
     for i in range(4):
         s2 = g.uniform(0, 4000, (16, 16, 4))
         s1 = g.uniform(-25, -5, (16, 16, 2))
         np.save(tmp_path / f'{i}.npy', np.concatenate([s1[..., ::-1], s2], -1).astype(np.float32))  # VV, VH, S2
-    final = PD.main(['--model', 'test_diffusion_sr3', '--dataset', 'folder', '--root', str(tmp_path), '--bands', 'VV',
-                     'VH', 'B04', 'B03', 'B02', 'B08', '--steps', '2', '--batch-size', '2', '--no-progress',
-                     '--out', str(tmp_path / 'o')])
+    small = {'unet_args': {'inner_channel': 32, 'channel_mults': [1, 2], 'attn_res': [], 'res_blocks': 1, 'dropout': 0}}
+    final = PD.main(['--model', 'diffusion_sr3_s2s1', '--model-args', json.dumps(small), '--dataset', 'folder',
+                     '--root', str(tmp_path), '--bands', 'VV', 'VH', 'B04', 'B03', 'B02', 'B08', '--steps', '2',
+                     '--batch-size', '2', '--no-progress', '--out', str(tmp_path / 'o')])
     assert final['steps'] == 2 and np.isfinite(final['loss'])
-    prov = eobackbones.create_model(f'local-dir:{tmp_path / "o" / "model"}').provenance
-    assert prov.origin.note == f'pretrained by the user on {tmp_path.name} for 2 steps'
+    model = eobackbones.create_model(f'local-dir:{tmp_path / "o" / "model"}')
+    assert model.provenance.origin.note == f'pretrained by the user on {tmp_path.name} for 2 steps'
+    args = model.model_args['unet_args']
+    assert args['inner_channel'] == 32 and list(args['channel_mults']) == [1, 2] and args['norm_groups'] == 32
 
 
 _DDP = TINY[:2] + ['--batch-size', '13', '--steps', '3', '--opt', 'sgd', '--lr', '0.05', '--no-progress']

@@ -266,11 +266,10 @@ for _name, (_real, _) in TINY_DIFFUSION.items():
 @register_model
 def test_diffusion_sr3(pretrained: bool = False, **kwargs) -> DiffusionEncoder:
     """Tiny SR3 diffusion UNet encoder (inner width 32, 1 res block per level) for tests."""
-    return _create_diffusion('test_diffusion_sr3', pretrained, **dict(TINY_DIFFUSION['test_diffusion_sr3'][1], **kwargs))
+    return _create_diffusion('test_diffusion_sr3', pretrained, TINY_DIFFUSION['test_diffusion_sr3'][1], **kwargs)
 
 
 @register_model
 def test_diffusion_cm_cond(pretrained: bool = False, **kwargs) -> DiffusionEncoder:
     """Tiny conditional CM diffusion UNet encoder (width 32, context 12 -> 32) for tests."""
-    return _create_diffusion('test_diffusion_cm_cond', pretrained,
-                             **dict(TINY_DIFFUSION['test_diffusion_cm_cond'][1], **kwargs))
+    return _create_diffusion('test_diffusion_cm_cond', pretrained, TINY_DIFFUSION['test_diffusion_cm_cond'][1], **kwargs)

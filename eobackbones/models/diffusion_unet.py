@@ -55,7 +55,7 @@ from ..spec import CallArg, ConditionSpec, InputSpec
 from ._base import EOModelMixin
 from ._builder import adapt_spec, build_model_with_cfg
 from ._features import feature_take_indices
-from ._registry import register_model
+from ._registry import get_pretrained_cfg, register_model
 
 __all__ = [
     'SR3UNet', 'CMUNet', 'MLPEmbedder', 'DiffusionEncoder', 'diffusion_schedule', 'convert_lontke_state_dict',
@@ -1429,8 +1429,13 @@ def _spec_fn(model: DiffusionEncoder, cfg: Optional[PretrainedCfg]) -> Optional[
     return dataclasses.replace(spec, conditions=conds, call_args=args)
 
 
-def _create_diffusion(variant: str, pretrained: bool = False, **kwargs: Any) -> DiffusionEncoder:
-    return build_model_with_cfg(DiffusionEncoder, variant, pretrained, spec_fn=_spec_fn, **kwargs)
+def _create_diffusion(variant: str, pretrained: bool = False, default_args: Optional[Dict[str, Any]] = None,
+                      **kwargs: Any) -> DiffusionEncoder:
+    # the architecture's arguments < the weights' (a saved directory records all of its own) < the user's
+    cfg = kwargs.get('pretrained_cfg') or get_pretrained_cfg(variant)
+    args = dict(default_args or {}, **(cfg.model_args if cfg is not None else {}))
+    args.update({k: v for k, v in kwargs.items() if v is not None})
+    return build_model_with_cfg(DiffusionEncoder, variant, pretrained, spec_fn=_spec_fn, **args)
 
 
 @register_model
@@ -1440,7 +1445,7 @@ def diffusion_sr3_s2s1(pretrained: bool = False, **kwargs: Any) -> DiffusionEnco
         unet_type='sr3', modalities=(('s2', 4), ('s1', 2)),
         unet_args=dict(in_channel=6, out_channel=6, inner_channel=128, norm_groups=32, channel_mults=(1, 2, 4, 8, 8),
                        attn_res=(16,), res_blocks=2, dropout=0.2, image_size=128))
-    return _create_diffusion('diffusion_sr3_s2s1', pretrained, **dict(model_args, **kwargs))
+    return _create_diffusion('diffusion_sr3_s2s1', pretrained, model_args, **kwargs)
 
 
 @register_model
@@ -1452,7 +1457,7 @@ def diffusion_cm_s2s1_cond(pretrained: bool = False, **kwargs: Any) -> Diffusion
                        attention_resolutions=(32, 16, 8), dropout=0.0, channel_mult=(1, 1, 2, 3, 4), num_heads=4,
                        resblock_updown=True, use_spatial_transformer=True, transformer_depth=1, context_dim=256),
         context_embedder_args=dict(input_size=12, embedding_size=256, dropout_p=0.2, depth=3))
-    return _create_diffusion('diffusion_cm_s2s1_cond', pretrained, **dict(model_args, **kwargs))
+    return _create_diffusion('diffusion_cm_s2s1_cond', pretrained, model_args, **kwargs)
 
 
 @register_model
@@ -1463,4 +1468,4 @@ def diffusion_cm_s2s1(pretrained: bool = False, **kwargs: Any) -> DiffusionEncod
         unet_args=dict(in_channels=6, out_channels=6, model_channels=256, num_res_blocks=2,
                        attention_resolutions=(32, 16, 8), dropout=0.0, channel_mult=(1, 1, 2, 3, 4), num_heads=4,
                        resblock_updown=True, use_spatial_transformer=False, context_dim=None))
-    return _create_diffusion('diffusion_cm_s2s1', pretrained, **dict(model_args, **kwargs))
+    return _create_diffusion('diffusion_cm_s2s1', pretrained, model_args, **kwargs)
