@@ -25,7 +25,8 @@ def test_list_and_filters(capsys):
     code, out, _ = _run(capsys, 'list')
     assert code == 0 and 'test_tiny_cnn' in out.split()
     code, out, _ = _run(capsys, 'list', 'test_*', '--modality', 's2')
-    assert out.split() == ['test_dofa', 'test_tiny_cnn', 'test_trimodal']
+    assert out.split() == ['test_diffusion_cm_cond', 'test_diffusion_sr3', 'test_dofa', 'test_tiny_cnn',
+                           'test_trimodal']
     code, out, _ = _run(capsys, 'list', '--sensor', 'sentinel1')
     assert 'dofa_base' in out.split() and 'dualsimclr_resnet50_s1' in out.split() and 'dualsimclr_resnet50_s2' not in out.split()
     code, _, err = _run(capsys, 'list', 'nothing*')

@@ -172,6 +172,8 @@ _SEG_CASES = [
     ('test_dofa', dict(patch_size=14, img_size=28), ('upernet', 'unet'), (28, 56)),  # reductions 3.5 / 7 / 14 / 28
     ('dualsimclr_resnet18_s2', {}, ('fpn', 'unet'), (32, 48)),
     ('dualsimclr_resnet18', dict(missing='zeros'), ('upernet',), (32,)),
+    ('test_diffusion_sr3', {}, ('fpn', 'linear'), (32, 40)),  # decoder-ordered levels; linear reads level 2 only
+    ('test_trimodal', {}, ('fpn', 'unet', 'linear'), (32,)),
 ]
 
 
@@ -183,8 +185,8 @@ def test_segmentation_model_shapes_and_backward(name, kwargs, decoders, sizes):
         assert model.num_classes == 4 and model.input_spec is model.backbone.input_spec
         assert model.pretrained_cfg.architecture == name
         for s in sizes:
-            x = eobackbones.example_input(model.input_spec, batch_size=2, image_size=s)
-            out = model(x)
+            x, kw = eobackbones.example_call(model.input_spec, batch_size=2, image_size=s)  # + conditions
+            out = model(x, **kw)
             assert out.shape == (2, 4, s, s), (decoder, s)
         out.square().mean().backward()
         assert not _trainable_without_grad(model), decoder

@@ -41,6 +41,7 @@ from torch import nn
 
 from ..env import cache_home
 from ..errors import InvalidInputError, MissingModalityError, NormalisationError, UnknownBandError
+from ..models import seg_feature_index  # noqa: F401  (the probe's segmentation level)
 from ..precision import precision_and_reason
 from ..sensors import get_sensor, resolve_band
 from ..spec import InputSpec, ModalitySpec
@@ -371,20 +372,6 @@ def plan_inputs(model: nn.Module, data: Any, norm: str = 'auto', missing_bands: 
 
 
 # ----------------------------------------------------------------------------------------------- extraction
-
-
-def seg_feature_index(model: nn.Module) -> int:
-    """Index into ``feature_info`` of the map the segmentation probe uses: the cfg's ``seg_feature_index`` when the
-    family states one (e.g. a diffusion decoder level), else the last map at reduction 16, else the closest to 16."""
-    info = getattr(model, 'feature_info', None)
-    if not info:
-        raise InvalidInputError(f'{type(model).__name__} has no feature_info; the segmentation probe needs feature maps')
-    cfg = getattr(model, 'pretrained_cfg', None)
-    if cfg is not None and cfg.seg_feature_index is not None:
-        return int(cfg.seg_feature_index) % len(info)
-    red = [float(f['reduction']) for f in info]
-    exact = [i for i, r in enumerate(red) if r == 16]
-    return exact[-1] if exact else min(range(len(red)), key=lambda i: (abs(np.log2(red[i] / 16)), -i))
 
 
 def _as_input(plan: InputPlan, data: Any, rows: np.ndarray, device: torch.device):
