@@ -25,13 +25,7 @@ TINY = 'test_tiny_cnn'  # tests/tiny_models.py: conv stem + 2 conv/BatchNorm sta
 CPU_PRECISIONS = ['fp32', 'bf16', 'auto']
 
 
-@pytest.fixture(autouse=True, scope='module')
-def _one_thread():
-    """Tiny ops gain nothing from threads, and on a loaded machine a descheduled OpenMP thread stalls them."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')  # conftest: small models, one intra-op thread
 
 
 def _cfg(**kw) -> BenchConfig:

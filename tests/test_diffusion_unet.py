@@ -153,13 +153,7 @@ class _Taps:
             h.remove()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # 2 cores shared by several sessions: oversubscribed intra-op threads slow these tests down 2-10x (measured)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')  # conftest: oversubscribed threads slow these 2-10x (measured)
 
 
 # ---------------------------------------------------------------- parity D: SR3 UNet

@@ -8,6 +8,8 @@ import torch
 import eobackbones
 from eobackbones.heads import ClassifierHead, PatchExpand, SwinUNetDecoder
 
+pytestmark = pytest.mark.usefixtures('one_thread')  # conftest: small models, one intra-op thread
+
 
 def test_classifier_head_linear_mlp_multilabel():
     torch.manual_seed(0)
@@ -243,11 +245,3 @@ def test_segmentation_save_pretrained_roundtrip(tmp_path):
     five = eobackbones.create_model(f'local-dir:{tmp_path / "seg"}', num_classes=5)  # the one head rule: new decoder
     assert five.num_classes == 5 and five(x).shape == (2, 5, 32, 32)
 
-
-@pytest.fixture(autouse=True, scope='module')
-def _one_thread():
-    # these tests run many small models: one intra-op thread avoids oversubscribing the 2 shared cores
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
