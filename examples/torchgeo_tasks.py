@@ -2,12 +2,19 @@
 
 torchgeo (0.8) builds its models by name: ``ClassificationTask`` calls ``timm.create_model(model, num_classes=,
 in_chans=, pretrained=)`` and ``SemanticSegmentationTask`` builds a segmentation_models_pytorch model
-(``unet``, ``deeplabv3+``, ``upernet``, ``segformer``, ``dpt``) around the smp encoder named ``backbone``. Our
-models are not in timm's registry, so the way in is to override ``configure_models``; everything else
-(losses, metrics, optimiser, schedulers, logging, the Lightning ``Trainer``) stays torchgeo's:
+(``unet``, ``deeplabv3+``, ``upernet``, ``segformer``, ``dpt``) around the smp encoder named ``backbone``. Every
+eobackbones architecture is in timm's registry as ``eob_<arch>``, so fixed-band models need no code at all:
+
+    ClassificationTask(model='eob_dualsimclr_resnet18_s2', in_channels=13, num_classes=10)
+    SemanticSegmentationTask(model='unet', backbone='tu-eob_dualsimclr_resnet18_s2', in_channels=13, num_classes=4)
+
+(``in_channels`` must equal the model's band count; ``weights=True`` loads the default tag). Channel counts do not
+say which bands they are, so DOFA (any bands) and dict-input pairs need the tasks below, which override
+``configure_models``; everything else (losses, metrics, optimiser, schedulers, logging, the Lightning ``Trainer``)
+stays torchgeo's:
 
     task = EOSegmentationTask(model='upernet', backbone='dofa_base', num_classes=3, in_channels=10,
-                              ignore_index=255, lr=1e-4)
+                              ignore_index=255, lr=1e-4, backbone_kwargs=dict(bands=[...]))
     lightning.Trainer(max_epochs=10).fit(task, datamodule=...)
 
 ``EOSegmentationTask`` reads ``model`` as our decoder name (``fpn``, ``upernet``, ``unet``) and ``backbone`` as an

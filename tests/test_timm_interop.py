@@ -97,3 +97,29 @@ def test_dofa_in_chans_is_checked_not_guessed():
         timm.create_model('eob_dofa_small', in_chans=3)
     m = timm.create_model('eob_dofa_small', in_chans=3, wavelengths=[0.665, 0.56, 0.49])
     assert len(m.input_spec.modality().bands) == 3
+
+
+@pytest.mark.parametrize('name', ['dualsimclr_resnet18_s2', 'test_trimodal'])
+def test_features_only_models_meet_terratorchs_backbone_contract(name):
+    """TerraTorch takes an ``nn.Module`` backbone with ``out_channels`` whose forward returns a list of maps."""
+    m = eobackbones.create_model(name, features_only=True).eval()
+    with torch.no_grad():
+        feats = m(eobackbones.example_input(m, batch_size=1))
+    assert isinstance(feats, list) and [f.shape[1] for f in feats] == m.out_channels == m.feature_info.channels()
+
+
+def test_terratorch_builds_eob_backbones():
+    pytest.importorskip('terratorch')
+    from terratorch.models import EncoderDecoderFactory
+    torch.manual_seed(0)
+    factory = EncoderDecoderFactory()
+    # by name through TerraTorch's timm source, and as a module (a dict-input pair)
+    m = factory.build_model('segmentation', backbone='timm_eob_dualsimclr_resnet18_s2', decoder='UNetDecoder',
+                            decoder_channels=[256, 128, 64, 32], num_classes=4).eval()
+    with torch.no_grad():
+        assert m(torch.randn(2, 13, 64, 64)).output.shape == (2, 4, 64, 64)
+    bb = eobackbones.create_model('sslswin_tiny', features_only=True)
+    m = factory.build_model('segmentation', backbone=bb, decoder='UperNetDecoder', decoder_channels=64,
+                            num_classes=4).eval()
+    with torch.no_grad():
+        assert m(eobackbones.example_input(bb, batch_size=2)).output.shape == (2, 4, 224, 224)

@@ -45,6 +45,11 @@ class FeatureGetter(nn.Module):
     def provenance(self):
         return self.model.provenance
 
+    @property
+    def out_channels(self) -> List[int]:
+        """Channels of each returned map (TerraTorch's backbone contract: ``out_channels`` and a list output)."""
+        return self.feature_info.channels()
+
     def forward(self, x: Any, **kwargs: Any) -> List[torch.Tensor]:
         return self.model.forward_intermediates(
             x, indices=list(self.out_indices), norm=self.norm, stop_early=True, intermediates_only=True, **kwargs)
