@@ -9,7 +9,7 @@ eobackbones architecture is in timm's registry as ``eob_<arch>``, so fixed-band 
     SemanticSegmentationTask(model='unet', backbone='tu-eob_dualsimclr_resnet18_s2', in_channels=13, num_classes=4)
 
 (``in_channels`` must equal the model's band count; ``weights=True`` loads the default tag). Channel counts do not
-say which bands they are, so DOFA (any bands) and dict-input pairs need the tasks below, which override
+say which bands they are, so DOFA (bound to any bands) needs the tasks below, which override
 ``configure_models``; everything else (losses, metrics, optimiser, schedulers, logging, the Lightning ``Trainer``)
 stays torchgeo's:
 

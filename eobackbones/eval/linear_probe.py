@@ -364,7 +364,8 @@ def fit_segmentation_probe(
         device: str | torch.device = 'cpu',
         n_boot: int = 1000,
 ) -> Dict[str, Any]:
-    """1x1-conv probe on frozen stride-16 maps, trained with cross-entropy on logits upsampled to the masks.
+    """1x1-conv probe on the frozen maps of one level (``seg_feature_index``: the cfg's, else stride 16), trained
+    with cross-entropy on logits upsampled to the masks.
 
     Features are standardised per channel with train statistics. Each weight decay of ``wd_grid`` is
     fit on train and scored on val (mIoU); the best is refit on train + val and scored once on test.
