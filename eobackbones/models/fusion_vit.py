@@ -53,7 +53,7 @@ from ._features import feature_take_indices
 
 __all__ = [
     'FusionViT', 'FusionViTTokens', 'ChenCheckpoint', 'zorro_attention', 'convert_chen_state_dict',
-    'read_chen_checkpoint', 'fusionvit_input_spec', 'convert_checkpoint', 'FUSIONVIT_ARCHS']
+    'read_chen_checkpoint', 'fusionvit_from_chen', 'fusionvit_input_spec', 'convert_checkpoint', 'FUSIONVIT_ARCHS']
 
 _logger = logging.getLogger(__name__)
 
@@ -935,6 +935,30 @@ def convert_chen_state_dict(
     return ChenCheckpoint(enc, obj, 'vitbaseline' if has_up else 'pretrain', model_args, objective_args, dropped)
 
 
+def fusionvit_from_chen(checkpoint: Union[ChenCheckpoint, Mapping[str, torch.Tensor]]) -> FusionViT:
+    """A :class:`FusionViT` holding an upstream checkpoint's encoder (built on ``meta``, loaded strictly).
+
+    A ViTBaseline file brings its learned pyramid; a pretraining file has none, so the model gets the
+    parameter-free pyramid instead of randomly initialised transposed convolutions.
+    """
+    from ._builder import load_state_dict_strict
+    ck = checkpoint if isinstance(checkpoint, ChenCheckpoint) else convert_chen_state_dict(checkpoint)
+    args = dict(ck.model_args, pyramid='learned' if ck.layout == 'vitbaseline' else 'interpolate')
+    with torch.device('meta'):
+        model = FusionViT(**args)
+    load_state_dict_strict(model, ck.encoder, source=f'upstream {ck.layout} checkpoint', assign=True)
+    model.init_non_persistent_buffers()
+    model.model_args = args
+    return model
+
+
+def _unpickler_reason(message: str) -> str:
+    """The weights-only unpickler's own reason, without torch's advice to load unsafely."""
+    text = message.split('WeightsUnpickler error:', 1)[-1].strip()
+    first = text.splitlines()[0].strip() if text else 'unreadable pickle'
+    return first.split('. Please use')[0].rstrip('.')
+
+
 def read_chen_checkpoint(path: Union[str, Path], what: Optional[str] = None) -> Dict[str, torch.Tensor]:
     """The state dict of an upstream training checkpoint (or a bare state dict file).
 
@@ -952,9 +976,11 @@ def read_chen_checkpoint(path: Union[str, Path], what: Optional[str] = None) -> 
         with torch.serialization.safe_globals([argparse.Namespace]):
             raw = torch.load(str(path), map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0]
-        raise CheckpointFormatError(f'{what}: refused to load: it contains pickled objects other than tensors and '
-                                    f'argparse.Namespace (weights_only load: {first})') from None
+        reason = _unpickler_reason(str(e))
+        if 'global' in reason.lower():
+            raise CheckpointFormatError(f'{what}: refused to load: it contains pickled objects other than tensors, '
+                                        f'plain containers and argparse.Namespace ({reason})') from None
+        raise CheckpointFormatError(f'{what}: not a readable torch checkpoint ({reason})') from None
     except (RuntimeError, zipfile.BadZipFile, EOFError, OSError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointFormatError(f'{what}: not a readable torch checkpoint ({first})') from None
@@ -994,17 +1020,11 @@ def convert_checkpoint(checkpoint: Union[str, Path], out_dir: Union[str, Path], 
         CheckpointFormatError: unreadable file or keys that do not convert strictly.
     """
     from safetensors.torch import save_file
-    from ._builder import load_state_dict_strict
     if opts:
         raise TypeError(f'convert fusionvit: unknown options {sorted(opts)}')
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     ck = convert_chen_state_dict(read_chen_checkpoint(checkpoint), checkpoint.name)
-    model = FusionViT(**ck.model_args)
-    allow = ('pyramid.*',) if ck.layout == 'pretrain' else ()
-    load_state_dict_strict(model, ck.encoder, allow, source=checkpoint.name)
-    model.model_args = dict(ck.model_args, **({'pyramid': 'interpolate'} if ck.layout == 'pretrain' else {}))
-    if ck.layout == 'pretrain':  # no learned pyramid in the file: a parameter-free one instead of random convs
-        model.pyramid = ViTPyramid(model.embed_dim, 'interpolate')
+    model = fusionvit_from_chen(ck)
     model.save_pretrained(out_dir)
     if ck.objective:
         save_file({k: v.contiguous() for k, v in ck.objective.items()}, str(out_dir / 'pretrain_objective.safetensors'),

@@ -28,7 +28,7 @@ from timm.models.vision_transformer import Block
 
 from ..errors import CheckpointFormatError, InvalidInputError
 from ..models._builder import load_state_dict_strict
-from ..models.fusion_vit import ChenCheckpoint, FusionViT, FusionViTTokens, convert_chen_state_dict
+from ..models.fusion_vit import ChenCheckpoint, FusionViT, FusionViTTokens, convert_chen_state_dict, fusionvit_from_chen
 
 __all__ = ['SpatialDecoder', 'FusionMAE', 'FusionMAEOutput', 'ModalityCombinationSampler', 'generate_masks',
            'dirichlet_shares', 'dino_loss', 'masked_patch_loss']
@@ -252,14 +252,15 @@ class FusionMAE(nn.Module):
         if ck.layout != 'pretrain':
             raise CheckpointFormatError(f'a {ck.layout} checkpoint has no pretraining heads; build FusionViT from it '
                                         f'and FusionMAE(encoder) around it')
-        encoder = FusionViT(**dict(ck.model_args, pyramid='interpolate'))
-        load_state_dict_strict(encoder, ck.encoder, source='encoder')
-        model = cls(encoder, **dict(ck.objective_args, **kwargs))
-        own = {k: v for k, v in model.state_dict().items() if not k.startswith('encoder.')}
-        if ck.objective:
-            load_state_dict_strict(_Heads(model), ck.objective, source='pretraining heads')
-        else:
-            _logger.info('checkpoint has no decoders / contrastive tokens: %d tensors freshly initialised', len(own))
+        encoder = fusionvit_from_chen(ck)
+        if not ck.objective:
+            model = cls(encoder, **dict(ck.objective_args, **kwargs))
+            _logger.info('checkpoint has no decoders / contrastive tokens: they are freshly initialised')
+            return model
+        with torch.device('meta'):
+            model = cls(FusionViT(**dict(ck.model_args, pyramid='interpolate')), **dict(ck.objective_args, **kwargs))
+        model.encoder = encoder
+        load_state_dict_strict(_Heads(model), ck.objective, source='pretraining heads', assign=True)
         return model
 
     def _contrast_token(self, fusion: torch.Tensor, index: Optional[torch.Tensor], m: str) -> torch.Tensor:
