@@ -109,25 +109,23 @@ def zorro_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: 
     """
     n_enc = sum(lengths)
     seg = [n for n in lengths if n > 0]
+    sizes = [n_enc, q.shape[2] - n_enc]
+    # split (not slicing): its backward is one concatenation, not a zero-filled tensor per slice
+    (qm, qf), (km, _), (vm, _) = (t.split(sizes, dim=2) for t in (q, k, v))
     outs = []
     if len(seg) > 1 and len(set(seg)) == 1:
-        b, h, _, d = q.shape
-        m, n = len(seg), seg[0]
+        b, m, n = q.shape[0], len(seg), seg[0]
 
-        def split(t: torch.Tensor) -> torch.Tensor:  # (B, H, M * n, dh) -> (B * M, H, n, dh)
-            return t[:, :, :n_enc].unflatten(2, (m, n)).transpose(1, 2).flatten(0, 1)
+        def batched(t: torch.Tensor) -> torch.Tensor:  # (B, H, M * n, dh) -> (B * M, H, n, dh)
+            return t.unflatten(2, (m, n)).transpose(1, 2).flatten(0, 1)
 
-        o = _sdpa(split(q), split(k), split(v))
+        o = _sdpa(batched(qm), batched(km), batched(vm))
         outs.append(o.unflatten(0, (b, m)).transpose(1, 2).flatten(2, 3))
-    else:
-        start = 0
-        for n in lengths:
-            if n:
-                sl = slice(start, start + n)
-                outs.append(_sdpa(q[:, :, sl], k[:, :, sl], v[:, :, sl]))
-            start += n
-    if q.shape[2] > n_enc:
-        outs.append(_sdpa(q[:, :, n_enc:], k, v))
+    elif seg:
+        parts = [t.split(list(lengths), dim=2) for t in (qm, km, vm)]
+        outs += [_sdpa(qs, ks, vs) for qs, ks, vs, n in zip(*parts, lengths) if n]
+    if sizes[1]:
+        outs.append(_sdpa(qf, k, v))
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
 
