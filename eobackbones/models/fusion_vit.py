@@ -35,7 +35,6 @@ import pickle
 import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Mapping, NamedTuple, Optional, Sequence, Set, Tuple, Union
 
@@ -339,6 +338,10 @@ class FusionViT(EOModelMixin, nn.Module):
     and keeps its slot (the upstream pretraining model's way to express a missing modality).
     """
 
+    # trained only through other paths: the mask embedding fills hidden tokens' slots (pretraining, the
+    # fine-tuning sampler's masks), the pyramid serves forward_intermediates / features_only
+    forward_unused_params: Tuple[str, ...] = ('mask_embedding', 'pyramid.*')
+
     def __init__(
             self,
             modalities: Optional[Modalities] = None,
@@ -438,6 +441,11 @@ class FusionViT(EOModelMixin, nn.Module):
     def init_non_persistent_buffers(self) -> None:
         self.pos_embed = sincos_table(self.embed_dim, self.grid_size, device=self.fusion_tokens.device)
 
+    def bound_input_spec(self) -> InputSpec:
+        """The input spec of this instance (its modalities, band names where given, native size)."""
+        mods = {m: list(self.bands[m]) if self.bands[m] else c for m, c in self.modalities.items()}
+        return fusionvit_input_spec(mods, self.img_size, self.patch_size)
+
     @torch.jit.ignore
     def no_weight_decay(self) -> Set[str]:
         return {'fusion_tokens', 'mask_embedding', 'return_tokens'}
@@ -482,7 +490,8 @@ class FusionViT(EOModelMixin, nn.Module):
         for m, t in images.items():
             c = self.modalities[m]
             if not isinstance(t, torch.Tensor) or t.ndim != 4:
-                raise InvalidInputError(f'{m}: expected a (B, {c}, H, W) tensor, got {getattr(t, "shape", type(t).__name__)}')
+                got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise InvalidInputError(f'{m}: expected a (B, {c}, H, W) tensor, got {got}')
             if t.shape[1] != c:
                 raise InvalidInputError(f'{m}: expected {c} channels, got {t.shape[1]} (shape {tuple(t.shape)})')
             h, w = t.shape[-2:]
@@ -507,7 +516,8 @@ class FusionViT(EOModelMixin, nn.Module):
                 hidden = torch.as_tensor(masks[m])
                 if hidden.ndim == 2:
                     if not (hidden == hidden[:1]).all():
-                        raise InvalidInputError(f'masks[{m!r}]: one mask per batch (identical rows), got rows that differ')
+                        raise InvalidInputError(
+                            f'masks[{m!r}]: one mask per batch (identical rows), got rows that differ')
                     hidden = hidden[0]
                 if hidden.shape != (n,):
                     raise InvalidInputError(f'masks[{m!r}]: expected ({n},) for a {grid[0]}x{grid[1]} patch grid, '
@@ -545,7 +555,8 @@ class FusionViT(EOModelMixin, nn.Module):
             masks: Optional[Mapping[str, Any]] = None,
             collect: Sequence[int] = (),
             stop_after: Optional[int] = None,
-    ) -> Tuple[torch.Tensor, Tuple[int, ...], Dict[str, Optional[torch.Tensor]], Dict[int, torch.Tensor], Tuple[int, int]]:
+    ) -> Tuple[torch.Tensor, Tuple[int, ...], Dict[str, Optional[torch.Tensor]], Dict[int, torch.Tensor],
+               Tuple[int, int]]:
         """-> (sequence after the last run layer, modality lengths, visible, {layer: fusion tokens}, grid)."""
         images, visible, grid = self._check(x, masks)
         pos, fus, mask = self._grid_tables(grid)
@@ -643,7 +654,8 @@ class FusionViT(EOModelMixin, nn.Module):
         pooled = self._pool(seq, lengths, run, [len(self.return_types) - 1])
         return torch.cat([pooled, seq[:, sum(lengths):]], dim=1)
 
-    def forward_features(self, x: Mapping[str, torch.Tensor], masks: Optional[Mapping[str, Any]] = None) -> torch.Tensor:
+    def forward_features(self, x: Mapping[str, torch.Tensor],
+                         masks: Optional[Mapping[str, Any]] = None) -> torch.Tensor:
         """dict of ``(B, C_m, H, W)`` -> ``(B, 1 + N, D)``: the pooled FUSION return token, then the final-normed
         fusion tokens (row-major)."""
         seq, lengths, visible, _, _ = self._encode(x, masks)
