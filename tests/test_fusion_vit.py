@@ -292,10 +292,11 @@ def dense_zorro(q, k, v, lengths):
     return logits.softmax(-1) @ v
 
 
-@pytest.mark.parametrize('lengths', [(16, 16, 16), (5, 7, 0, 5), (9,), (0, 0)], ids=str)
-def test_zorro_attention_equals_dense_masked_reference_with_gradients(lengths):
+@pytest.mark.parametrize('lengths,batch', [((16, 16, 16), 1), ((16, 16, 16), 2), ((5, 7, 0, 5), 2), ((9,), 1),
+                                           ((0, 0), 2)], ids=str)
+def test_zorro_attention_equals_dense_masked_reference_with_gradients(lengths, batch):
     g = torch.Generator().manual_seed(0)
-    shape = (2, 3, sum(lengths) + 11, 8)
+    shape = (batch, 3, sum(lengths) + 11, 8)
     q, k, v = (torch.randn(shape, generator=g, requires_grad=True) for _ in range(3))
     out, ref = zorro_attention(q, k, v, lengths), dense_zorro(q, k, v, lengths)
     assert _rel(out, ref) <= 1e-5

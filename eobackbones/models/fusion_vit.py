@@ -95,8 +95,8 @@ def zorro_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: 
 
     The sequence is ``[modality 0 (lengths[0] tokens), ..., modality M-1, fusion tokens]``. A modality token
     attends to its own modality only, a fusion token to every token. Computed as one attention per modality
-    (one batched call when the modalities have equal lengths) plus one fusion-to-all call, all with fused
-    SDPA kernels; no ``(L, L)`` mask is built. Every row has at least one allowed key, so this equals the
+    (one call over all of them when that needs no copy) plus one fusion-to-all call, all with fused SDPA
+    kernels; no ``(L, L)`` mask is built. Every row has at least one allowed key, so this equals the
     reference's masked softmax (disallowed logits set to ``-finfo.max``).
 
     Args:
@@ -109,18 +109,18 @@ def zorro_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: 
     n_enc = sum(lengths)
     seg = [n for n in lengths if n > 0]
     sizes = [n_enc, q.shape[2] - n_enc]
-    # split (not slicing): its backward is one concatenation, not a zero-filled tensor per slice
+    # split, not slicing: views whose backward is one concatenation, not a zero-filled tensor per slice
     (qm, qf), (km, _), (vm, _) = (t.split(sizes, dim=2) for t in (q, k, v))
     outs = []
-    if len(seg) > 1 and len(set(seg)) == 1:
-        b, m, n = q.shape[0], len(seg), seg[0]
+    if len(seg) > 1 and len(set(seg)) == 1 and q.shape[0] == 1:
+        # one call over the M modality blocks; with a batch of one, (M, H, n, dh) is a view (no copy)
+        m, n = len(seg), seg[0]
 
-        def batched(t: torch.Tensor) -> torch.Tensor:  # (B, H, M * n, dh) -> (B * M, H, n, dh)
+        def batched(t: torch.Tensor) -> torch.Tensor:  # (1, H, M * n, dh) -> (M, H, n, dh)
             return t.unflatten(2, (m, n)).transpose(1, 2).flatten(0, 1)
 
-        o = _sdpa(batched(qm), batched(km), batched(vm))
-        outs.append(o.unflatten(0, (b, m)).transpose(1, 2).flatten(2, 3))
-    elif seg:
+        outs.append(_sdpa(batched(qm), batched(km), batched(vm)).unflatten(0, (1, m)).transpose(1, 2).flatten(2, 3))
+    elif seg:  # one call per modality on views (batching them would copy q, k and v)
         parts = [t.split(list(lengths), dim=2) for t in (qm, km, vm)]
         outs += [_sdpa(qs, ks, vs) for qs, ks, vs, n in zip(*parts, lengths) if n]
     if sizes[1]:

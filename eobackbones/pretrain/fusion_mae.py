@@ -292,7 +292,7 @@ class FusionMAE(nn.Module):
         device = enc.fusion_tokens.device
         if masks is None:
             encoded = self.num_encoded_tokens or max(1, len(present) * n // 2)
-            masks = generate_masks(present, n, encoded, generator, device=device)
+            masks = generate_masks(present, n, encoded, generator)  # on the generator's device (CPU by default)
         full = {}
         for m in enc.modalities:
             if m in present:
