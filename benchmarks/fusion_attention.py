@@ -15,13 +15,15 @@ Both forward (``torch.inference_mode``) and forward + backward (training) are ti
 in a fresh subprocess; the peak resident set (VmHWM) is reset through ``/proc/self/clear_refs`` after the inputs
 exist, so the number is the growth caused by the attention call itself (plus the mask for ``dense``, counted
 because that path needs it). Settings: M = 2, 3, 4 modalities, 256 and 512 px, tiny (3 heads) and base
-(12 heads) widths, head dim 64, batch 2. Default: one thread. On the project's shared 2-core machine two OpenMP
-threads per op wait on each other whenever another process holds a core, which turns every small memory-bound op
-(fills, copies) into milliseconds of noise; ``--threads 2 --tag threads2`` measures that configuration too.
-Writes ``benchmarks/results/fusion_attention[-TAG].{json,md}``.
+(12 heads) widths, head dim 64, batch 2, one thread by default (``--threads 2 --tag threads2`` for two).
+``OMP_WAIT_POLICY`` defaults to ``PASSIVE`` here: with spinning OpenMP workers, two threads on the project's
+shared 2-core machine stall whenever another process holds a core, and small ops (fills, copies, many short
+kernels) then measure the scheduler, not the code (e.g. efficient tiny / 256 px / 3 modalities: 61 ms spinning,
+12 ms passive, 7 ms on one thread). Writes ``benchmarks/results/fusion_attention[-TAG].{json,md}``.
 """
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -29,7 +31,12 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+# Read by the OpenMP runtime when torch loads. Spinning worker threads (the default) stall whenever another
+# process holds a core, which on a shared machine turns every small op into scheduling noise; passive waiting
+# measures the kernels. Set OMP_WAIT_POLICY yourself to measure something else.
+os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
+
+import torch  # noqa: E402
 import torch.nn.functional as F
 
 from eobackbones.models.fusion_vit import zorro_attention
@@ -137,7 +144,8 @@ def memory(m: int, px: int, heads: int, batch: int, path: str, mode: str, thread
 def _markdown(rows, meta) -> str:
     lines = [
         '# Zorro attention: efficient (per-modality + fusion-to-all SDPA) vs dense masked SDPA', '',
-        f'{meta["device"]}, torch {meta["torch"]}, {meta["threads"]} threads, batch {meta["batch"]}, '
+        f'{meta["device"]}, torch {meta["torch"]}, {meta["threads"]} threads (OMP_WAIT_POLICY '
+        f'{meta["omp_wait_policy"]}), load average at the end {meta["load_avg"][0]:.1f}, batch {meta["batch"]}, '
         f'median of {meta["repeats"]} interleaved runs, head dim 64, commit `{meta["commit"][:10]}`. '
         'Speed-up = dense time / efficient time (one run, same inputs). Memory: peak RSS growth of one call in a '
         'fresh process (dense includes its (L, L) mask).', '',
@@ -205,7 +213,8 @@ def main() -> None:
                       f'{row.get("memory_mb", "")}', flush=True)
     dev = torch.cuda.get_device_name() if args.device.startswith('cuda') else (platform.processor() or 'cpu')
     meta = dict(device=dev, torch=torch.__version__, threads=args.threads, batch=args.batch,
-                repeats=args.repeats, commit=_git_commit(), machine=platform.machine())
+                repeats=args.repeats, commit=_git_commit(), machine=platform.machine(),
+                omp_wait_policy=os.environ.get('OMP_WAIT_POLICY'), load_avg=os.getloadavg())
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = 'fusion_attention' + (f'-{args.tag}' if args.tag else '')

@@ -741,9 +741,6 @@ class FusionViT(EOModelMixin, nn.Module):
 
 
 # ---------------------------------------------------------------------- input spec
-_SENSOR_OF = {'s1': 'sentinel1', 's2': 'sentinel2', 'dem': 'dem', 'lc': 'landcover'}
-
-
 def fusionvit_input_spec(
         modalities: Optional[Modalities] = None,
         img_size: Union[int, Tuple[int, int]] = 256,
@@ -751,33 +748,34 @@ def fusionvit_input_spec(
 ) -> InputSpec:
     """Input spec of a FusionViT: one modality per configured name, policy ``subset``.
 
-    Band names resolve through the sensor catalogue where they can (wavelengths then come with them); bare
-    channel counts give placeholder names ``c0, c1, ...``. No normalisation step: no weights are published, so
-    the statistics are whatever the user pretrains with.
+    Band names resolve through the sensor catalogue where they can (sensor and wavelengths then come from it);
+    bare channel counts give placeholder names ``c0, c1, ...`` and sensor ``unknown`` (the modality key alone
+    does not say which sensor: upstream's ``s1`` / ``s2`` are SAR / RGB of whatever mission). No normalisation
+    step: no weights are published, so the statistics are whatever the user pretrains with.
     """
-    from ..sensors import resolve_bands
+    from ..sensors import get_sensor, resolve_bands
     chans, bands = _parse_modalities(modalities)
     img = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
     mods = []
     for m, c in chans.items():
-        names, waves, sensor = bands[m], None, _SENSOR_OF.get(m, 'unknown')
+        names, waves, sensor, notes = bands[m], None, 'unknown', []
         if names is None:
             names = tuple(f'c{i}' for i in range(c))
-            note = 'bands given as a channel count; no band names'
+            notes.append('bands given as a channel count, not by name')
         else:
-            note = ''
             try:
                 resolved = resolve_bands(list(names))
+            except UnknownBandError:
+                notes.append('band names not in the sensor catalogue')
+            else:
                 sensors = {b.sensor for b in resolved}
-                waves = None if sensor not in ('sentinel1', 'sentinel2') and len(sensors) != 1 \
-                    else tuple(b.wavelength_um for b in resolved)
                 if len(sensors) == 1:
                     sensor = sensors.pop()
-            except UnknownBandError:
-                note = 'band names not in the sensor catalogue'
+                    if get_sensor(sensor).kind in ('optical', 'sar', 'hyperspectral'):
+                        waves = tuple(b.wavelength_um for b in resolved)
+        notes.append('no published weights: normalise as you pretrain (e.g. dataset z-score)')
         mods.append(ModalitySpec(name=m, sensor=sensor, bands=tuple(names), wavelengths_um=waves,
-                                 notes='; '.join(filter(None, [note, 'no published weights: normalise as you '
-                                                               'pretrain (e.g. dataset z-score)']))))
+                                 notes='; '.join(notes)))
     return InputSpec(tuple(mods), image_size=img, input_format='dict', size_multiple=patch_size,
                      missing_modality='subset')
 
