@@ -23,6 +23,7 @@ kernels) then measure the scheduler, not the code (e.g. efficient tiny / 256 px 
 """
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -86,7 +87,9 @@ def time_setting(m: int, px: int, heads: int, batch: int, repeats: int, device: 
     with torch.no_grad():
         err = (calls['dense']() - calls['efficient']()).abs().max().item()
     out = {p: {'fwd': [], 'train': []} for p in calls}
-    for r in range(repeats + 1):  # the first round warms up
+    rounds, r = repeats + 1, 0
+    while r < rounds:  # the first round warms up; millisecond settings get more rounds (at least 2 s of runs)
+        start = time.perf_counter()
         for name, fn in calls.items():
             _sync(device)
             t = time.perf_counter()
@@ -102,8 +105,11 @@ def time_setting(m: int, px: int, heads: int, batch: int, repeats: int, device: 
             if r:
                 out[name]['fwd'].append(fwd)
                 out[name]['train'].append(train)
+        if r == 1:
+            rounds = max(rounds, min(30, 1 + math.ceil(2.0 / (time.perf_counter() - start))))
+        r += 1
     med = {p: {mode: statistics.median(ts) for mode, ts in d.items()} for p, d in out.items()}
-    return dict(seconds=med, max_abs_diff=err)
+    return dict(seconds=med, max_abs_diff=err, rounds=rounds - 1)
 
 
 def _memory_child(args: argparse.Namespace) -> None:
@@ -146,7 +152,8 @@ def _markdown(rows, meta) -> str:
         '# Zorro attention: efficient (per-modality + fusion-to-all SDPA) vs dense masked SDPA', '',
         f'{meta["device"]}, torch {meta["torch"]}, {meta["threads"]} threads (OMP_WAIT_POLICY '
         f'{meta["omp_wait_policy"]}), load average at the end {meta["load_avg"][0]:.1f}, batch {meta["batch"]}, '
-        f'median of {meta["repeats"]} interleaved runs, head dim 64, commit `{meta["commit"][:10]}`. '
+        f'median of >= {meta["repeats"]} interleaved runs (more for short settings: >= 2 s, <= 30), head dim 64, '
+        f'commit `{meta["commit"][:10]}`. '
         'Speed-up = dense time / efficient time (one run, same inputs). Memory: peak RSS growth of one call in a '
         'fresh process (dense includes its (L, L) mask).', '',
         '| width | M | px | tokens L | fwd dense ms | fwd efficient ms | fwd speed-up | train dense ms | '
@@ -203,7 +210,7 @@ def main() -> None:
                 r = time_setting(m, px, heads, args.batch, args.repeats, args.device)
                 s = r['seconds']
                 row = dict(width=width, heads=heads, modalities=m, px=px, tokens=(m + 1) * (px // 16) ** 2,
-                           seconds=s, max_abs_diff=r['max_abs_diff'],
+                           seconds=s, max_abs_diff=r['max_abs_diff'], rounds=r['rounds'],
                            speedup={mode: s['dense'][mode] / s['efficient'][mode] for mode in ('fwd', 'train')})
                 if not args.no_memory and args.device == 'cpu':
                     row['memory_mb'] = {p: {mode: memory(m, px, heads, args.batch, p, mode, args.threads)
