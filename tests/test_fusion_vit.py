@@ -27,8 +27,8 @@ from eobackbones.errors import CheckpointFormatError, InvalidInputError, Missing
 from eobackbones.layers.vit_pyramid import ViTPyramid
 from eobackbones.models._builder import load_state_dict_strict
 from eobackbones.models.fusion_vit import (
-    FUSIONVIT_ARCHS, FusionViT, convert_chen_state_dict, fusionvit_from_chen, fusionvit_input_spec,
-    read_chen_checkpoint, sincos_table, zorro_attention)
+    FusionViT, convert_chen_state_dict, fusionvit_from_chen, fusionvit_input_spec, read_chen_checkpoint,
+    sincos_table, zorro_attention)
 from eobackbones.pretrain.fusion_mae import (
     FusionMAE, ModalityCombinationSampler, dino_loss, generate_masks)
 
@@ -602,11 +602,13 @@ def test_checkpoint_reader_allows_only_namespace(tmp_path):
     assert read_chen_checkpoint(bare).keys() == vb.keys()
     evil = tmp_path / 'evil.pth'
     torch.save({'model': vb, 'args': args, 'hook': _NotAllowed()}, evil)
-    with pytest.raises(CheckpointFormatError, match='refused'):
+    with pytest.raises(CheckpointFormatError, match='refused') as e:
         read_chen_checkpoint(evil)
+    assert 'weights_only' not in str(e.value) and '\n' not in str(e.value)
     (tmp_path / 'junk.pth').write_bytes(b'not a checkpoint')
-    with pytest.raises(CheckpointFormatError, match='not a readable'):
+    with pytest.raises(CheckpointFormatError, match='not a (readable )?torch checkpoint') as e:
         read_chen_checkpoint(tmp_path / 'junk.pth')
+    assert 'weights_only' not in str(e.value)
 
 
 class _NotAllowed:
@@ -621,34 +623,12 @@ def _truncated(layout: str = 'vitbaseline', depth: int = 2):
             if not k.startswith(('blocks.', 'fus_blocks.')) or k.startswith(keep)}
 
 
-def test_convert_checkpoint_writes_a_loadable_directory(tmp_path):
-    from eobackbones.models.fusion_vit import convert_checkpoint
-    from safetensors.torch import load_file as load_st
-    from safetensors import safe_open
-    x = {m: t[..., :64, :64] for m, t in inputs('').items()}
-    for layout in ('vitbaseline', 'pretrain'):
-        src = tmp_path / f'{layout}.pth'
-        torch.save({'model': _truncated(layout), 'epoch': 1, 'args': argparse.Namespace(a=1)}, src)
-        (out,) = convert_checkpoint(src, tmp_path / layout)
-        conf = json.loads((out / 'config.json').read_text())
-        assert conf['model_args']['modalities'] == dict(MODS3) and conf['model_args']['depth'] == 2
-        assert conf['model_args']['pyramid'] == ('learned' if layout == 'vitbaseline' else 'interpolate')
-        model = FusionViT(**conf['model_args']).eval()
-        load_state_dict_strict(model, load_st(str(out / 'model.safetensors')))
-        direct = fusionvit_from_chen(_truncated(layout)).eval()
-        with torch.no_grad():
-            assert torch.equal(model(x), direct(x))
-        assert (out / 'pretrain_objective.safetensors').is_file() == (layout == 'pretrain')
-        if layout == 'pretrain':
-            with safe_open(str(out / 'pretrain_objective.safetensors'), 'pt') as f:
-                assert {k.split('.')[0] for k in f.keys()} == {'decoders', 'contrast_tokens'}
-
-
 def test_architectures_and_parameter_counts():
+    import eobackbones
     counts = {}
-    for name, args in FUSIONVIT_ARCHS.items():
+    for name in ('fusionvit_tiny', 'fusionvit_small', 'fusionvit_base'):
         with torch.device('meta'):
-            m = FusionViT(**args)
+            m = eobackbones.create_model(name)
         counts[name] = sum(p.numel() for p in m.parameters())
     # tiny = the reference encoder: its 336 shared upstream keys hold exactly these values (+ the learned pyramid)
     vb = _layout('', 'vitbaseline')

@@ -2,3 +2,4 @@
 from .pos_embed import grid_of, resample_abs_pos_embed, sincos_1d, sincos_2d_pos_embed
 from .wavelength_embed import (
     DynamicPatchEmbed, KernelLayout, ResidualMlp, WavelengthHypernetwork, WavelengthWeightGenerator, compute_dtype)
+from .vit_pyramid import PyramidMode, ViTPyramid

@@ -29,14 +29,15 @@ Numbers and the upstream outputs they equal (all fp32, checked in ``tests/test_f
   identity / max-pool).
 """
 import argparse
+import dataclasses
+import inspect
 import logging
 import math
-import pickle
-import zipfile
+import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Literal, Mapping, NamedTuple, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Callable, Dict, List, Literal, Mapping, NamedTuple, Optional, Sequence, Set, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -44,15 +45,20 @@ from torch import nn
 from timm.layers import Mlp, PatchEmbed, resample_abs_pos_embed
 from torch.utils.checkpoint import checkpoint
 
+from ..cfg import FileSource, PretrainedCfg
 from ..errors import CheckpointFormatError, InvalidInputError, MissingModalityError, UnknownBandError
-from ..layers.vit_pyramid import PyramidMode, ViTPyramid
+from ..hub.download import read_torch_checkpoint
+from ..hub.weights import ConverterOption, ConvertTarget, get_converter, register_converter
+from ..layers import PyramidMode, ViTPyramid
 from ..spec import InputSpec, ModalitySpec
 from ._base import EOModelMixin
+from ._builder import build_model_with_cfg, load_state_dict_strict, merge_model_args
 from ._features import feature_take_indices
+from ._registry import get_arch_cfg, get_pretrained_cfg, register_model
 
 __all__ = [
     'FusionViT', 'FusionViTTokens', 'ChenCheckpoint', 'zorro_attention', 'convert_chen_state_dict',
-    'read_chen_checkpoint', 'fusionvit_from_chen', 'fusionvit_input_spec', 'convert_checkpoint', 'FUSIONVIT_ARCHS']
+    'read_chen_checkpoint', 'fusionvit_from_chen', 'fusionvit_input_spec', 'sincos_table']
 
 _logger = logging.getLogger(__name__)
 
@@ -423,6 +429,8 @@ class FusionViT(EOModelMixin, nn.Module):
         self.feature_blocks = tuple(int(b) for b in feature_blocks)
         self.feature_info = self.pyramid.feature_info(patch_size, [f'blocks.{b}' for b in self.feature_blocks])
         self.init_weights()
+        # the builder replaces it with the weights' spec made true for this instance (band names, statistics)
+        self.input_spec = self.bound_input_spec()
 
     # ------------------------------------------------------------------ init / timm helpers
     def init_weights(self) -> None:
@@ -476,33 +484,12 @@ class FusionViT(EOModelMixin, nn.Module):
     # ------------------------------------------------------------------ inputs
     def _check(self, x: Any, masks: Optional[Mapping[str, Any]]) -> Tuple[
             Dict[str, torch.Tensor], Dict[str, Optional[torch.Tensor]], Tuple[int, int]]:
-        """Validate the input dict and masks -> (present images in model order, visible positions, grid)."""
+        """Validate the input dict (through the input spec) and the masks -> (present images in model order,
+        visible positions, grid)."""
         names = list(self.modalities)
-        if not isinstance(x, Mapping):
-            raise InvalidInputError(f'FusionViT expects a dict keyed by modality {names}, got {type(x).__name__}')
-        unknown = [k for k in x if k not in self.modalities]
-        if unknown:
-            raise InvalidInputError(f'unknown modality keys {unknown}; this model takes {names}')
-        images = {m: x[m] for m in names if m in x and x[m] is not None}
-        if not images:
-            raise MissingModalityError(f'FusionViT needs at least one of the modalities {names}, got none')
-        size = batch = None
-        for m, t in images.items():
-            c = self.modalities[m]
-            if not isinstance(t, torch.Tensor) or t.ndim != 4:
-                got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-                raise InvalidInputError(f'{m}: expected a (B, {c}, H, W) tensor, got {got}')
-            if t.shape[1] != c:
-                raise InvalidInputError(f'{m}: expected {c} channels, got {t.shape[1]} (shape {tuple(t.shape)})')
-            h, w = t.shape[-2:]
-            if h % self.patch_size or w % self.patch_size:
-                raise InvalidInputError(f'{m}: height and width must be multiples of the patch size '
-                                        f'{self.patch_size}, got {h}x{w}')
-            if size is None:
-                size, batch, first = (h, w), t.shape[0], m
-            elif (h, w) != size or t.shape[0] != batch:
-                raise InvalidInputError(f'all modalities need the same batch size and image size: {first} is '
-                                        f'{batch}x{size[0]}x{size[1]}, {m} is {t.shape[0]}x{h}x{w}')
+        present = self.input_spec.split(x, dtype=self._param_dtype())
+        images = {m: present[m] for m in names if m in present}
+        size = tuple(next(iter(images.values())).shape[-2:])
         grid = (size[0] // self.patch_size, size[1] // self.patch_size)
         visible = {m: None for m in images}
         if masks:
@@ -927,7 +914,7 @@ def convert_chen_state_dict(
     modalities = OrderedDict((m, int(sd[f'input_adapters.{m}.proj.weight'].shape[1])) for m in mods)
     model_args = dict(modalities=dict(modalities), img_size=[grid[0] * patch, grid[1] * patch], patch_size=patch,
                       embed_dim=dim, depth=depth, num_heads=inner // _DIM_HEAD, dim_head=_DIM_HEAD,
-                      pyramid='learned')
+                      pyramid='learned' if has_up else 'interpolate')
     objective_args = {}
     dec = [m for m in mods if f'decoders.{m}.proj_context.weight' in obj]
     if dec:
@@ -947,11 +934,12 @@ def fusionvit_from_chen(checkpoint: Union[ChenCheckpoint, Mapping[str, torch.Ten
     """A :class:`FusionViT` holding an upstream checkpoint's encoder (built on ``meta``, loaded strictly).
 
     A ViTBaseline file brings its learned pyramid; a pretraining file has none, so the model gets the
-    parameter-free pyramid instead of randomly initialised transposed convolutions.
+    parameter-free pyramid instead of randomly initialised transposed convolutions. The registered path
+    (``create_model(arch, checkpoint_path=FILE)``, ``eobackbones convert fusionvit``) does the same through the
+    builder; this is the bare-model shortcut the pretraining objective uses.
     """
-    from ._builder import load_state_dict_strict
     ck = checkpoint if isinstance(checkpoint, ChenCheckpoint) else convert_chen_state_dict(checkpoint)
-    args = dict(ck.model_args, pyramid='learned' if ck.layout == 'vitbaseline' else 'interpolate')
+    args = dict(ck.model_args)
     with torch.device('meta'):
         model = FusionViT(**args)
     load_state_dict_strict(model, ck.encoder, source=f'upstream {ck.layout} checkpoint', assign=True)
@@ -960,38 +948,13 @@ def fusionvit_from_chen(checkpoint: Union[ChenCheckpoint, Mapping[str, torch.Ten
     return model
 
 
-def _unpickler_reason(message: str) -> str:
-    """The weights-only unpickler's own reason, without torch's advice to load unsafely."""
-    text = message.split('WeightsUnpickler error:', 1)[-1].strip()
-    first = text.splitlines()[0].strip() if text else 'unreadable pickle'
-    return first.split('. Please use')[0].rstrip('.')
+# the authors' training script pickles its argparse arguments next to the weights
+_SAFE_GLOBALS = (argparse.Namespace,)
 
 
-def read_chen_checkpoint(path: Union[str, Path], what: Optional[str] = None) -> Dict[str, torch.Tensor]:
-    """The state dict of an upstream training checkpoint (or a bare state dict file).
-
-    The authors' script saves ``{"model": state_dict, "optimizer", "epoch", "scaler", "args": Namespace}``.
-    It is opened with ``torch.load(weights_only=True)`` with only ``argparse.Namespace`` allow-listed, and only
-    ``model`` is kept. Any other pickled object is refused.
-
-    Raises:
-        CheckpointFormatError: unreadable file, a pickled object other than tensors, containers and the
-            Namespace, or no state dict inside.
-    """
-    path = Path(path)
-    what = what or path.name
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            raw = torch.load(str(path), map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError as e:
-        reason = _unpickler_reason(str(e))
-        if 'global' in reason.lower():
-            raise CheckpointFormatError(f'{what}: refused to load: it contains pickled objects other than tensors, '
-                                        f'plain containers and argparse.Namespace ({reason})') from None
-        raise CheckpointFormatError(f'{what}: not a readable torch checkpoint ({reason})') from None
-    except (RuntimeError, zipfile.BadZipFile, EOFError, OSError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointFormatError(f'{what}: not a readable torch checkpoint ({first})') from None
+def _state_dict_of(raw: Any, what: str) -> Dict[str, torch.Tensor]:
+    """The state dict of an upstream training checkpoint (``{"model": state_dict, "optimizer", "epoch",
+    "scaler", "args"}``) or of a bare state dict."""
     if isinstance(raw, Mapping) and isinstance(raw.get('model'), Mapping):
         raw = raw['model']
     if not isinstance(raw, Mapping) or not raw or not all(isinstance(v, torch.Tensor) for v in raw.values()):
@@ -1000,63 +963,176 @@ def read_chen_checkpoint(path: Union[str, Path], what: Optional[str] = None) -> 
     return dict(raw)
 
 
-# ---------------------------------------------------------------------- architectures
-# Constructor arguments of the architectures to register (tiny = the reference configuration).
-FUSIONVIT_ARCHS: Dict[str, Dict[str, Any]] = {
-    'fusionvit_tiny': dict(patch_size=16, embed_dim=192, depth=12, num_heads=3, dim_head=64),
-    'fusionvit_small': dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, dim_head=64),
-    'fusionvit_base': dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, dim_head=64),
-}
+def _is_upstream(raw: Any) -> bool:
+    sd = raw.get('model', raw) if isinstance(raw, Mapping) else None
+    return isinstance(sd, Mapping) and any(
+        isinstance(k, str) and k.split('.', 1)[k.startswith('module.')].startswith('input_adapters.') for k in sd)
 
 
-def _arch_of(model_args: Mapping[str, Any]) -> Optional[str]:
-    for name, a in FUSIONVIT_ARCHS.items():
-        if all(model_args.get(k) == v for k, v in a.items()):
-            return name
-    return None
+def read_chen_checkpoint(path: Union[str, Path], what: Optional[str] = None) -> Dict[str, torch.Tensor]:
+    """The state dict of an upstream training checkpoint (or a bare state dict file).
 
-
-def convert_checkpoint(checkpoint: Union[str, Path], out_dir: Union[str, Path], **opts: Any) -> List[Path]:
-    """``eobackbones convert fusionvit``: an upstream checkpoint -> one ``save_pretrained`` directory.
-
-    Writes ``config.json`` (with the modalities and channel counts read from the weights), ``model.safetensors``
-    (the backbone; the learned pyramid only when the file is a ViTBaseline one), ``README.md`` and, for a
-    pretraining file with decoders, ``pretrain_objective.safetensors`` (the decoders and contrastive tokens, for
-    :class:`eobackbones.pretrain.FusionMAE`).
+    The authors' script saves ``{"model": state_dict, "optimizer", "epoch", "scaler", "args": Namespace}``.
+    It is opened with ``torch.load(weights_only=True)`` with only ``argparse.Namespace`` allow-listed (the
+    package's one checkpoint reader), and only ``model`` is kept. Any other pickled object is refused.
 
     Raises:
-        CheckpointFormatError: unreadable file or keys that do not convert strictly.
+        CheckpointFormatError: unreadable file, a pickled object other than tensors, containers and the
+            Namespace, or no state dict inside.
     """
-    from safetensors.torch import save_file
-    if opts:
-        raise TypeError(f'convert fusionvit: unknown options {sorted(opts)}')
-    checkpoint, out_dir = Path(checkpoint), Path(out_dir)
-    ck = convert_chen_state_dict(read_chen_checkpoint(checkpoint), checkpoint.name)
-    model = fusionvit_from_chen(ck)
-    model.save_pretrained(out_dir)
-    if ck.objective:
-        save_file({k: v.contiguous() for k, v in ck.objective.items()}, str(out_dir / 'pretrain_objective.safetensors'),
-                  metadata={'objective_args': repr(ck.objective_args)})
-    arch = _arch_of(ck.model_args) or 'FusionViT'
-    (out_dir / 'README.md').write_text(_model_card(arch, checkpoint.name, ck), encoding='utf-8')
-    return [out_dir]
+    path = Path(path)
+    what = what or path.name
+    return _state_dict_of(read_torch_checkpoint(path, what, _SAFE_GLOBALS), what)
 
 
-def _model_card(arch: str, source: str, ck: ChenCheckpoint) -> str:
-    mods = ', '.join(f'`{m}` ({c} ch)' for m, c in ck.modalities.items())
-    return f"""---
-license: other
-library_name: eobackbones
-tags: [earth-observation, remote-sensing, multimodal, missing-modality, vision-transformer]
----
-# {arch} (converted from `{source}`)
+# (embed_dim, depth, num_heads) -> architecture, to recognise a checkpoint (tiny = the reference encoder)
+_SHAPES = {(192, 12, 3): 'fusionvit_tiny', (384, 12, 6): 'fusionvit_small', (768, 12, 12): 'fusionvit_base'}
+_SHAPE_ARGS = ('patch_size', 'embed_dim', 'depth', 'num_heads', 'dim_head')
 
-Fusion-token ViT for incomplete multimodal inputs (Chen, Zhao, Bruzzone,
-[arXiv:2304.11381](https://arxiv.org/abs/2304.11381)), converted with `eobackbones convert fusionvit` from an
-upstream `{ck.layout}` checkpoint. The upstream code (Yusin2Chen/incomplete_multimodal_fusion) states no licence;
-check the terms of these weights with whoever trained them.
 
-- modalities: {mods}; input size {ck.model_args['img_size']}, any non-empty subset of the modalities works
-- pyramid: {'learned (from the checkpoint)' if ck.layout == 'vitbaseline' else 'parameter-free (the file has none)'}
-- dropped by name: {len(ck.dropped)} keys (zero LayerNorm `beta` buffers, fixed sin-cos tables, unused decoder tables)
-"""
+def _describe(args: Mapping[str, Any]) -> str:
+    return ', '.join(f'{k}={args[k]}' for k in _SHAPE_ARGS if k in args)
+
+
+def _targets(raw: Any, options: Dict[str, Any]) -> List[ConvertTarget]:
+    """The architecture an upstream checkpoint is (from its shapes, or ``arch=``) with the file's modalities,
+    image size and pyramid (learned for a ViTBaseline file; parameter-free for a pretraining file, which has none)."""
+    ck = convert_chen_state_dict(_state_dict_of(raw, 'checkpoint'))
+    a = ck.model_args
+    arch = options['arch'] or _SHAPES.get((a['embed_dim'], a['depth'], a['num_heads']))
+    if arch is None:
+        raise CheckpointFormatError(
+            f'no fusionvit architecture has {_describe(a)} (known: '
+            f'{"; ".join(f"{v} {k}" for k, v in _SHAPES.items())}); pass --option arch=NAME to build one with the '
+            f'file\'s shape')
+    return [ConvertTarget(arch, model_args=dict(a))]
+
+
+@register_converter(
+    'fusionvit', archs=tuple(_SHAPES.values()), targets=_targets, safe_globals=_SAFE_GLOBALS,
+    options={'arch': ConverterOption(str, None, 'architecture (default: read from the checkpoint\'s shapes); the '
+                                     'file\'s own depth and widths are kept', choices=tuple(_SHAPES.values()))},
+    description='upstream Yusin2Chen/incomplete_multimodal_fusion encoder (pretraining MultiMAE or downstream '
+                'ViTBaseline layout) renamed to ours; modalities and channel counts read from the patch embeddings; '
+                'dropped by name: the zero LayerNorm `beta` buffers (checked to be zero), the fixed sin-cos `pos_emb` '
+                'tables (checked against ours), the pretraining decoders `output_adapters.*` and contrastive tokens '
+                '`return_token_<m>` (eobackbones.pretrain.FusionMAE.from_chen_checkpoint reads those); a pretraining '
+                'file has no learned pyramid, so it is built with the parameter-free one (pyramid="interpolate")')
+def _convert_fusionvit(raw: Any, cfg: Optional[PretrainedCfg]) -> Dict[str, torch.Tensor]:
+    """Upstream checkpoint -> our encoder keys (strict: unknown keys fail; pretraining heads dropped by name)."""
+    what = cfg.name if cfg is not None else 'fusion-token ViT checkpoint'
+    ck = convert_chen_state_dict(_state_dict_of(raw, what), what)
+    want = (cfg.model_args if cfg is not None else {}).get('pyramid', 'learned')
+    if want != ck.model_args['pyramid']:
+        raise CheckpointFormatError(_pyramid_message(what, ck.layout, ck.model_args['pyramid']))
+    return ck.encoder
+
+
+def _pyramid_message(what: str, layout: str, pyramid: str) -> str:
+    if layout == 'pretrain':
+        return (f'{what}: an upstream pretraining checkpoint has no learned pyramid weights (up1 / up2); build the '
+                f'model with pyramid="interpolate" (the parameter-free pyramid), or leave pyramid= out')
+    return (f'{what}: an upstream ViTBaseline checkpoint holds learned pyramid weights (up1 / up2); build the model '
+            f'with pyramid="learned" (the default) so they load, or leave pyramid= out')
+
+
+# ---------------------------------------------------------------------- create / entrypoints
+def _file_cfg(variant: str, cfg: PretrainedCfg, default_args: Mapping[str, Any],
+              user: Mapping[str, Any]) -> PretrainedCfg:
+    """``checkpoint_path=`` an upstream file: its modalities, image size and pyramid become the weights'
+    ``model_args`` (the user's arguments still override), and an encoder of another shape, or a pyramid the file
+    cannot fill, is refused in one line before anything is built. Other files (our own keys) pass unchanged."""
+    path = Path(os.path.expanduser(cfg.source.path))
+    if not path.is_file():
+        return cfg  # the loader names the missing file
+    conv = get_converter('fusionvit')
+    try:
+        raw = conv.read(path, path.name)
+    except CheckpointFormatError:
+        return cfg  # the loader reads it as our own keys, or reports why it cannot
+    if not _is_upstream(raw):
+        return cfg
+    ck = convert_chen_state_dict(_state_dict_of(raw, path.name), path.name)
+    built = merge_model_args(FusionViT, merge_model_args(FusionViT, dict(_INIT_DEFAULTS), dict(default_args)),
+                             dict(cfg.model_args))
+    built = merge_model_args(FusionViT, built, dict(user))
+    diff = [k for k in _SHAPE_ARGS if built.get(k) != ck.model_args[k]]
+    if diff:
+        arch = _SHAPES.get(tuple(ck.model_args[k] for k in ('embed_dim', 'depth', 'num_heads')))
+        hint = f"create_model('{arch}', checkpoint_path=...)" if arch else \
+            ', '.join(f'{k}={ck.model_args[k]}' for k in diff)
+        raise CheckpointFormatError(f'{path.name} holds an encoder with {_describe(ck.model_args)}; {variant} is '
+                                    f'built with {", ".join(f"{k}={built.get(k)}" for k in diff)}: use {hint}')
+    if 'pyramid' in user and user['pyramid'] != ck.model_args['pyramid']:
+        raise CheckpointFormatError(_pyramid_message(path.name, ck.layout, ck.model_args['pyramid']))
+    file_args = {k: ck.model_args[k] for k in ('modalities', 'img_size', 'pyramid')}
+    return dataclasses.replace(cfg, model_args=dict(cfg.model_args, **file_args))
+
+
+_INIT_DEFAULTS = {k: p.default for k, p in inspect.signature(FusionViT.__init__).parameters.items()
+                  if p.default is not inspect.Parameter.empty}
+
+
+def _builder(spec: Optional[InputSpec]) -> Callable[..., FusionViT]:
+    """FusionViT's constructor with the band-adaptation hooks for the modalities of ``spec`` (the weights'):
+    each modality's patch embedding indexes its input bands (``create_model(..., bands={'s2': [...]})``)."""
+    names = spec.modality_names if spec is not None else tuple(m for m, _ in DEFAULT_MODALITIES)
+
+    def build(**kwargs: Any) -> FusionViT:
+        return FusionViT(**kwargs)
+    build.input_convs = {m: ((f'patch_embed.{m}.proj.weight', 1),) for m in names}
+    build.args_for_channels = lambda counts: dict(modalities={m: int(counts[m]) for m in names if m in counts})
+    return build
+
+
+def _spec_fn(model: FusionViT, cfg: Optional[PretrainedCfg]) -> InputSpec:
+    """The weights' (or architecture's) spec made true for this instance.
+
+    A modality keeps the cfg's description (sensor, band names, statistics) when the instance takes the same bands:
+    the same band names, or the same channel count where no names were given. Channel counts given explicitly
+    (``modalities={'s1': 2}``, or an upstream checkpoint's) say nothing about which bands they are, so they never
+    inherit the architecture's default binding: those modalities get placeholder names and sensor ``unknown``.
+    """
+    bound = model.bound_input_spec()
+    spec = cfg.input_spec if cfg is not None else None
+    if spec is None or spec.modality_names != bound.modality_names:
+        return bound
+    arch = get_arch_cfg(cfg.architecture)
+    counts_only = 'modalities' in model.model_args and arch is not None and spec == arch.input_spec
+    mods = []
+    for m in spec.modalities:
+        names = model.bands[m.name]
+        keep = tuple(names) == tuple(m.bands) if names is not None else (
+            not counts_only and m.in_chans == model.modalities[m.name])
+        mods.append(dataclasses.replace(m, image_size=model.img_size) if keep else bound.modality(m.name))
+    return dataclasses.replace(spec, modalities=tuple(mods), image_size=model.img_size, size_multiple=model.patch_size)
+
+
+def _create_fusionvit(variant: str, pretrained: bool = False, default_args: Optional[Dict[str, Any]] = None,
+                      **kwargs: Any) -> FusionViT:
+    cfg = kwargs.pop('pretrained_cfg', None) or get_pretrained_cfg(variant)
+    if pretrained and cfg is not None and isinstance(cfg.source, FileSource):
+        cfg = _file_cfg(variant, cfg, default_args or {}, {k: v for k, v in kwargs.items() if v is not None})
+    return build_model_with_cfg(_builder(cfg.input_spec if cfg is not None else None), variant, pretrained,
+                                pretrained_cfg=cfg, spec_fn=_spec_fn, default_args=default_args, **kwargs)
+
+
+@register_model
+def fusionvit_tiny(pretrained: bool = False, **kwargs: Any) -> FusionViT:
+    """Fusion-token ViT-Ti/16 (the reference encoder: width 192, 12 layers, 3 heads; no published weights)."""
+    model_args = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3, dim_head=64)
+    return _create_fusionvit('fusionvit_tiny', pretrained, model_args, **kwargs)
+
+
+@register_model
+def fusionvit_small(pretrained: bool = False, **kwargs: Any) -> FusionViT:
+    """Fusion-token ViT-S/16 (width 384, 12 layers, 6 heads; no published weights)."""
+    model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, dim_head=64)
+    return _create_fusionvit('fusionvit_small', pretrained, model_args, **kwargs)
+
+
+@register_model
+def fusionvit_base(pretrained: bool = False, **kwargs: Any) -> FusionViT:
+    """Fusion-token ViT-B/16 (width 768, 12 layers, 12 heads; no published weights)."""
+    model_args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, dim_head=64)
+    return _create_fusionvit('fusionvit_base', pretrained, model_args, **kwargs)
