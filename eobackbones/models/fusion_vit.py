@@ -663,7 +663,7 @@ class FusionViT(EOModelMixin, nn.Module):
             self,
             x: Mapping[str, torch.Tensor],
             indices: Optional[Union[int, List[int]]] = None,
-            norm: Optional[bool] = None,
+            norm: bool = False,
             stop_early: bool = False,
             output_fmt: str = 'NCHW',
             intermediates_only: bool = False,
@@ -676,8 +676,9 @@ class FusionViT(EOModelMixin, nn.Module):
             x: modality -> ``(B, C, H, W)``.
             indices: with ``pyramid=True`` indices into ``feature_info`` (the 4 levels), else layer indices;
                 None: all, int: the last n.
-            norm: apply the final norm to the fusion tokens before reshaping; default (None): True with
-                ``pyramid=True`` (the reference ViTBaseline), False otherwise (timm's default).
+            norm: with ``pyramid=False``, apply the final norm to the fusion tokens before reshaping (timm's
+                meaning). The pyramid levels are always final-normed (the reference ViTBaseline's definition of
+                its features), whatever ``norm`` says.
             stop_early: run only the layers up to the last one needed.
             output_fmt: ``NCHW`` or ``NLC``.
             intermediates_only: return only the list.
@@ -690,7 +691,7 @@ class FusionViT(EOModelMixin, nn.Module):
         """
         if output_fmt not in ('NCHW', 'NLC'):
             raise ValueError(f'output_fmt must be "NCHW" or "NLC", got {output_fmt!r}')
-        norm = pyramid if norm is None else norm
+        norm = pyramid or norm
         if pyramid:
             take, _ = feature_take_indices(len(self.feature_blocks), indices)
             want: Dict[int, List[int]] = {}
@@ -716,12 +717,11 @@ class FusionViT(EOModelMixin, nn.Module):
 
     def prune_intermediate_layers(
             self, indices: Union[int, List[int]] = 1, prune_norm: bool = False, prune_head: bool = True) -> List[int]:
-        """Drop the layers after the last pyramid level in ``indices`` (and the head)."""
+        """Drop the layers after the last pyramid level in ``indices`` (and the head). The final norm stays
+        whatever ``prune_norm`` says: every pyramid level is final-normed."""
         take, _ = feature_take_indices(len(self.feature_blocks), indices)
         last = max(self.feature_blocks[i] for i in take)
         self.blocks = self.blocks[:last + 1]
-        if prune_norm:
-            self.norm = nn.Identity()
         if prune_head:
             self.reset_classifier(0, '')
         return take
