@@ -623,6 +623,80 @@ def _truncated(layout: str = 'vitbaseline', depth: int = 2):
             if not k.startswith(('blocks.', 'fus_blocks.')) or k.startswith(keep)}
 
 
+def _save_upstream(path, layout, depth=2):
+    torch.save({'model': _truncated(layout, depth) if depth < 12 else _layout('', layout), 'epoch': 1,
+                'args': argparse.Namespace(model='pretrain_multimae_tiny')}, path)
+    return path
+
+
+def test_eobackbones_convert_fusionvit_writes_loadable_directories(tmp_path, capsys):
+    """`eobackbones convert fusionvit --checkpoint FILE --out DIR`: both upstream layouts; the directory loads with
+    create_model('local-dir:...') and equals the direct conversion; a pretraining file gets the parameter-free
+    pyramid; the spec does not claim sensors the file does not state."""
+    import eobackbones
+    from eobackbones.cli import main
+    x = {m: t[..., :64, :64] for m, t in inputs('').items()}
+    for layout in ('vitbaseline', 'pretrain'):
+        src = _save_upstream(tmp_path / f'{layout}.pth', layout)
+        # a 2-layer file matches no architecture by its shapes: refused in one line, then forced with arch=
+        assert main(['convert', 'fusionvit', '--checkpoint', str(src), '--out', str(tmp_path / 'x')]) == 2
+        assert 'pass --option arch=NAME' in capsys.readouterr().err
+        out = tmp_path / layout
+        assert main(['convert', 'fusionvit', '--checkpoint', str(src), '--out', str(out),
+                     '--option', 'arch=fusionvit_tiny']) == 0
+        d = out / 'fusionvit_tiny'
+        conf = json.loads((d / 'config.json').read_text())
+        assert conf['model_args']['modalities'] == dict(MODS3) and conf['model_args']['depth'] == 2
+        assert conf['model_args']['pyramid'] == ('learned' if layout == 'vitbaseline' else 'interpolate')
+        model = eobackbones.create_model(f'local-dir:{d}').eval()
+        assert {m.sensor for m in model.input_spec.modalities} == {'unknown'}
+        assert model.provenance.root.kind == 'file'
+        assert any(k.startswith('pyramid.') for k in model.state_dict()) == (layout == 'vitbaseline')
+        direct = fusionvit_from_chen(_truncated(layout)).eval()
+        with torch.no_grad():
+            assert torch.equal(model(x), direct(x))
+            for a, b in zip(model.forward_intermediates(x, intermediates_only=True),
+                            direct.forward_intermediates(x, intermediates_only=True)):
+                assert torch.equal(a, b)
+    bad = tmp_path / 'extra.pth'
+    torch.save(dict(_truncated(), extra_key=torch.zeros(1)), bad)
+    assert main(['convert', 'fusionvit', '--checkpoint', str(bad), '--out', str(tmp_path / 'y'),
+                 '--option', 'arch=fusionvit_tiny']) == 2
+    assert 'unknown keys: extra_key' in capsys.readouterr().err and not (tmp_path / 'y').exists()
+
+
+def test_create_model_checkpoint_path_upstream_file(tmp_path):
+    """create_model(arch, checkpoint_path=FILE) on upstream files: the full ViTBaseline file equals the parity
+    model bit for bit; a pretraining file is built with pyramid='interpolate' (never random transposed convs);
+    a pyramid or shape the file cannot fill is one line naming what to pass."""
+    import eobackbones
+    x = {m: t[..., :64, :64] for m, t in inputs('').items()}
+    full = _save_upstream(tmp_path / 'vitb.pth', 'vitbaseline', depth=12)
+    model = eobackbones.create_model('fusionvit_tiny', checkpoint_path=str(full)).eval()
+    assert model.model_args['pyramid'] == 'learned' and model.provenance.kind == 'file'
+    with torch.no_grad():
+        assert torch.equal(model(x), vitbaseline('')(x))
+    pre = _save_upstream(tmp_path / 'pre.pth', 'pretrain')
+    model = eobackbones.create_model('fusionvit_tiny', checkpoint_path=str(pre), depth=2).eval()
+    assert model.model_args['pyramid'] == 'interpolate' and not any(k.startswith('pyramid.') for k in model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(model(x), fusionvit_from_chen(_truncated('pretrain')).eval()(x))
+    cases = [(dict(depth=2, pyramid='learned'), 'pyramid="interpolate"'), ({}, 'depth=2'),
+             (dict(depth=2, embed_dim=384), 'embed_dim=192')]
+    for kwargs, match in cases:
+        with pytest.raises(CheckpointFormatError, match=match) as e:
+            eobackbones.create_model('fusionvit_tiny', checkpoint_path=str(pre), **kwargs)
+        assert '\n' not in str(e.value)
+    with pytest.raises(CheckpointFormatError, match='pyramid="learned"'):
+        eobackbones.create_model('fusionvit_tiny', checkpoint_path=str(_save_upstream(tmp_path / 'b.pth', 'vitbaseline')),
+                                 depth=2, pyramid='interpolate')
+    # the converter refuses a pretraining file for a learned pyramid whatever the path (no silent random init)
+    from eobackbones.hub.weights import get_converter
+    from eobackbones.cfg import PretrainedCfg
+    with pytest.raises(CheckpointFormatError, match='no learned pyramid'):
+        get_converter('fusionvit').fn(_truncated('pretrain'), PretrainedCfg('fusionvit_tiny'))
+
+
 def test_architectures_and_parameter_counts():
     import eobackbones
     counts = {}

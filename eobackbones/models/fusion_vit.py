@@ -966,7 +966,7 @@ def _state_dict_of(raw: Any, what: str) -> Dict[str, torch.Tensor]:
 def _is_upstream(raw: Any) -> bool:
     sd = raw.get('model', raw) if isinstance(raw, Mapping) else None
     return isinstance(sd, Mapping) and any(
-        isinstance(k, str) and k.split('.', 1)[k.startswith('module.')].startswith('input_adapters.') for k in sd)
+        isinstance(k, str) and k.startswith(('input_adapters.', 'module.input_adapters.')) for k in sd)
 
 
 def read_chen_checkpoint(path: Union[str, Path], what: Optional[str] = None) -> Dict[str, torch.Tensor]:
