@@ -697,6 +697,38 @@ def test_create_model_checkpoint_path_upstream_file(tmp_path):
         get_converter('fusionvit').fn(_truncated('pretrain'), PretrainedCfg('fusionvit_tiny'))
 
 
+def test_band_adaptation_by_name_per_modality(tmp_path):
+    """create_model(dir, bands={'s2': [...]}) maps the pretrained s2 patch-embedding filters by band name; the other
+    modalities keep theirs. A subset of s2 equals the full model with the left-out band zeroed."""
+    import eobackbones
+    torch.manual_seed(0)
+    full = eobackbones.create_model('fusionvit_tiny', depth=2, img_size=64).eval()
+    d = full.save_pretrained(tmp_path / 'full')
+    sub = eobackbones.create_model(f'local-dir:{d}', bands={'s2': ['B04', 'B02']}).eval()
+    assert sub.input_spec.modality('s2').bands == ('B04', 'B02') and sub.input_spec.modality('s1').bands == ('VV',)
+    assert sub.modalities == {'s1': 1, 's2': 2, 'dem': 1}
+    assert [r['source'] for r in sub.band_adaptation['s2']] == ['B04', 'B02'] and 's1' not in sub.band_adaptation
+    assert 'adapted by band name' in sub.provenance.note
+    g = torch.Generator().manual_seed(1)
+    x = {m: torch.randn(2, c, 64, 64, generator=g) for m, c in full.modalities.items()}
+    zeroed = dict(x, s2=x['s2'].clone())
+    zeroed['s2'][:, 1] = 0  # B03
+    with torch.no_grad():
+        ref = full(zeroed)
+        for present in (('s1', 's2', 'dem'), ('s2',)):  # any subset of the modalities as well
+            got = sub({m: x[m][:, [0, 2]] if m == 's2' else x[m] for m in present})
+            want = full({m: zeroed[m] for m in present}) if present != ('s1', 's2', 'dem') else ref
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # a new band takes the nearest pretrained filter, shared (halved) with the band it copies
+    both = eobackbones.create_model(f'local-dir:{d}', bands={'s1': ['VV', 'VH']})
+    w, w0 = both.state_dict()['patch_embed.s1.proj.weight'], full.state_dict()['patch_embed.s1.proj.weight']
+    torch.testing.assert_close(w[:, 0] + w[:, 1], w0[:, 0])
+    assert both.input_spec.modality('s1').bands == ('VV', 'VH')
+    # without weights, bands= just builds the model on those bands (any channel count per modality)
+    fresh = eobackbones.create_model('fusionvit_tiny', depth=1, bands={'s2': ['B02', 'B03', 'B04', 'B08', 'B11']})
+    assert fresh.modalities['s2'] == 5 and fresh.input_spec.modality('s2').sensor == 'sentinel2'
+
+
 def test_architectures_and_parameter_counts():
     import eobackbones
     counts = {}
