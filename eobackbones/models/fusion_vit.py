@@ -50,6 +50,7 @@ from ..errors import CheckpointFormatError, InvalidInputError, MissingModalityEr
 from ..hub.download import read_torch_checkpoint
 from ..hub.weights import ConverterOption, ConvertTarget, get_converter, register_converter
 from ..layers import PyramidMode, ViTPyramid
+from ..sensors import get_sensor, resolve_bands
 from ..spec import InputSpec, ModalitySpec
 from ._base import EOModelMixin
 from ._builder import build_model_with_cfg, load_state_dict_strict, merge_model_args
@@ -740,7 +741,6 @@ def fusionvit_input_spec(
     does not say which sensor: upstream's ``s1`` / ``s2`` are SAR / RGB of whatever mission). No normalisation
     step: no weights are published, so the statistics are whatever the user pretrains with.
     """
-    from ..sensors import get_sensor, resolve_bands
     chans, bands = _parse_modalities(modalities)
     img = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
     mods = []
