@@ -27,6 +27,13 @@ Numbers and the upstream outputs they equal (all fp32, checked in ``tests/test_f
 * ``forward_intermediates(x)`` / ``features_only=True`` -> the 4-level pyramid of the upstream downstream
   backbone ``ViTBaseline`` (fusion tokens after blocks 2, 5, 8, 11, final-normed, then up x4 / up x2 /
   identity / max-pool).
+
+Architectures: ``fusionvit_tiny`` (the reference encoder: width 192, 12 layers, 3 heads), ``fusionvit_small``,
+``fusionvit_base``; no published weights. Default input (manifest spec ``fusionvit_s1_s2_dem``): the reference's
+channel counts (SAR 1, RGB 3, DEM 1) bound to Sentinel-1 VV, Sentinel-2 B04/B03/B02 and a DEM; other bands through
+``bands=`` (pretrained filters mapped by name per modality) or ``modalities=``. Upstream checkpoints (both
+layouts) load through the ``fusionvit`` converter: ``eobackbones convert fusionvit --checkpoint FILE --out DIR``
+or ``create_model('fusionvit_tiny', checkpoint_path=FILE)``.
 """
 import argparse
 import dataclasses
