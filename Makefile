@@ -15,7 +15,7 @@ install: $(BIN)/.installed
 
 demo: $(BIN)/.installed
 	$(BIN)/eobackbones list
-	EOBACKBONES_OFFLINE=1 $(BIN)/eobackbones probe --model dofa_base --norm dataset-zscore --out probe_out
+	EOBACKBONES_OFFLINE=1 $(BIN)/eobackbones probe --model dofa_base --out probe_out
 
 test: $(BIN)/.installed
 	# passive OpenMP threads: spinning workers starve each other (and the test servers) on small shared machines

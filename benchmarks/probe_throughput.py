@@ -25,7 +25,8 @@ from eobackbones import create_model
 from eobackbones.bench import benchmark_model, git_commit
 from eobackbones.data import load_bigearthnet_mini, nan_policy
 from eobackbones.eval.features import amp_dtype, extract_features, plan_inputs
-from eobackbones.eval.linear_probe import _build, _resolve
+from eobackbones.eval.linear_probe import build_for_data
+from eobackbones.models import resolve_model
 
 
 def main(argv=None) -> int:
@@ -45,10 +46,11 @@ def main(argv=None) -> int:
     amp, why = amp_dtype(device, a.dtype)
     dtype = {None: 'fp32', torch.bfloat16: 'bf16', torch.float16: 'fp16'}[amp]
 
-    arch, _, cfg, _ = _resolve(a.model, 'none')
-    raw = load_bigearthnet_mini(('s2', 's1') if cfg.input_spec and 's1' in cfg.input_spec.modality_names else ('s2',))
+    resolved = resolve_model(a.model, pretrained=False)
+    arch, spec = resolved.arch, resolved.cfg.input_spec if resolved.cfg else None
+    raw = load_bigearthnet_mini(('s2', 's1') if spec and 's1' in spec.modality_names else ('s2',))
     data, _ = nan_policy(raw, 'drop')
-    model, _, _ = _build(arch, None, False, data, cfg.input_spec, 'drop-model-bands', 0)
+    model, _, _ = build_for_data(resolved, False, data, 'drop-model-bands', 0)
     model.to(device)
     plan = plan_inputs(model, data, norm=a.norm, missing_bands=a.missing_bands, image_size=a.image_size,
                        model_name=arch)

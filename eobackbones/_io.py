@@ -72,10 +72,15 @@ def sha256_file(path: Union[str, Path], chunk: int = 1 << 22) -> str:
 
 
 def git_commit(path: Optional[Union[str, Path]] = None) -> Optional[str]:
-    """HEAD of the git checkout holding ``path`` (default: this package), or None outside one."""
+    """HEAD of the git checkout holding ``path`` (default: this package), ``+dirty`` when tracked files changed;
+    None outside a checkout."""
+    cwd = Path(path) if path else Path(__file__).resolve().parent
     try:
-        cwd = Path(path) if path else Path(__file__).resolve().parent
-        out = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=cwd, capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or None
+        head = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=cwd, capture_output=True, text=True, timeout=5)
+        if head.returncode or not head.stdout.strip():
+            return None
+        dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=cwd,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return head.stdout.strip() + ('+dirty' if dirty else '')
     except (OSError, subprocess.SubprocessError):
         return None

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from .errors import UnknownModelError, first_line
+from .bench import add_bench_args, main_bench
 from .eval.linear_probe import add_probe_args, main_probe, validate_probe_args
 
 __all__ = ['main', 'build_parser']
@@ -272,6 +273,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser('probe', help='linear probe on frozen features (embedded real data by default)', parents=[common])
     add_probe_args(s)
     s.set_defaults(func=main_probe)
+
+    s = sub.add_parser('bench', help='speed, memory, FLOPs, fraction of the matmul peak, fidelity vs fp32',
+                       parents=[common])
+    add_bench_args(s)
+    s.set_defaults(func=main_bench)
     return p
 
 

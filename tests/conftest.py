@@ -145,3 +145,15 @@ def register_weights():
     yield _register
     for name in added:
         unregister_pretrained(name)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of small models: on 2 shared cores a descheduled OpenMP thread stalls tiny
+    ops, and threads gain them nothing (use with ``pytestmark = pytest.mark.usefixtures('one_thread')``)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -128,3 +128,23 @@ def test_bands_without_weights_builds_a_fresh_model_on_those_bands():
     assert m.input_spec.modalities[0].bands == ('B04', 'B03', 'B02')
     assert m.state_dict()['conv1.weight'].shape[1] == 3
     assert m.provenance.kind == 'none'
+
+
+@pytest.mark.parametrize('name, in_key, out_key', [
+    ('test_diffusion_sr3', 'unet.init_conv.weight', 'unet.final_conv.block.3.weight'),
+    ('test_diffusion_cm_cond', 'unet.input_blocks.0.0.weight', 'unet.out.2.weight'),
+])
+def test_diffusion_stacked_input_and_noise_output_follow_the_bands(tmp_path, name, in_key, out_key):
+    import tiny_models  # noqa: F401  (registers the tiny diffusion variants)
+    ref = eobackbones.create_model(name).eval()
+    path = tmp_path / 'w.safetensors'
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(path))
+    m = eobackbones.create_model(name, checkpoint_path=str(path), bands={'s2': ['B08', 'B04'], 's1': ['VV']})
+    assert m.model_args['modalities'] == (('s2', 2), ('s1', 1))
+    sd, rsd = m.state_dict(), ref.state_dict()
+    # stacked S2 [B04, B03, B02, B08] + S1 [VH, VV]: the new channels B08, B04, VV are columns / rows 3, 0, 5;
+    # input filters keep their scale (each used once), noise-prediction rows are copied
+    torch.testing.assert_close(sd[in_key], rsd[in_key][:, [3, 0, 5]])
+    torch.testing.assert_close(sd[out_key], rsd[out_key][[3, 0, 5]])
+    x, kw = eobackbones.example_call(m)
+    assert m(x, **kw).shape == (1, m.num_features)

@@ -25,7 +25,8 @@ def test_list_and_filters(capsys):
     code, out, _ = _run(capsys, 'list')
     assert code == 0 and 'test_tiny_cnn' in out.split()
     code, out, _ = _run(capsys, 'list', 'test_*', '--modality', 's2')
-    assert out.split() == ['test_dofa', 'test_tiny_cnn', 'test_trimodal']
+    assert out.split() == ['test_diffusion_cm_cond', 'test_diffusion_sr3', 'test_dofa', 'test_tiny_cnn',
+                           'test_trimodal']
     code, out, _ = _run(capsys, 'list', '--sensor', 'sentinel1')
     assert 'dofa_base' in out.split() and 'dualsimclr_resnet50_s1' in out.split() and 'dualsimclr_resnet50_s2' not in out.split()
     code, _, err = _run(capsys, 'list', 'nothing*')
@@ -92,3 +93,10 @@ def test_torch_hub_local(tmp_path):
     assert hubconf.dependencies == ['torch', 'timm', 'huggingface_hub', 'safetensors']
     entries = [f for f in dir(hubconf) if callable(getattr(hubconf, f)) and not f.startswith('_')]  # as torch.hub.list
     assert {'create_model', 'test_tiny_cnn'} <= set(entries)
+
+
+def test_bench_subcommand_is_wired(capsys, tmp_path):
+    code, _, err = _run(capsys, 'bench', 'no_such_model*', '--out', str(tmp_path))
+    assert code == 2 and err.strip() == "error: no model matches 'no_such_model*'; see `eobackbones list`"
+    code, _, err = _run(capsys, 'bench', 'test_tiny_cnn', '--precision', 'fp16', '--device', 'cpu', '--out', str(tmp_path))
+    assert code == 2 and 'fp16' in err and err.strip().count('\n') == 0

@@ -19,13 +19,7 @@ import finetune_classification as CLS  # noqa: E402
 import finetune_segmentation as SEG  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope='module')
-def _one_thread():
-    # small models: one intra-op thread avoids oversubscribing the 2 shared cores (torchrun does the same)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')  # conftest: small models, one intra-op thread
 
 
 def test_segmentation_example_runs_and_saves(tmp_path, capsys):

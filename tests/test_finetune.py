@@ -10,13 +10,7 @@ from eobackbones import finetune
 from eobackbones import create_segmentation_model
 
 
-@pytest.fixture(autouse=True, scope='module')
-def _one_thread():
-    # small models: one intra-op thread avoids oversubscribing the 2 shared cores
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')  # conftest: small models, one intra-op thread
 
 
 def _check_groups(model, groups, lr, decay):

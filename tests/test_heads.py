@@ -8,6 +8,8 @@ import torch
 import eobackbones
 from eobackbones.heads import ClassifierHead, PatchExpand, SwinUNetDecoder
 
+pytestmark = pytest.mark.usefixtures('one_thread')  # conftest: small models, one intra-op thread
+
 
 def test_classifier_head_linear_mlp_multilabel():
     torch.manual_seed(0)
@@ -172,6 +174,8 @@ _SEG_CASES = [
     ('test_dofa', dict(patch_size=14, img_size=28), ('upernet', 'unet'), (28, 56)),  # reductions 3.5 / 7 / 14 / 28
     ('dualsimclr_resnet18_s2', {}, ('fpn', 'unet'), (32, 48)),
     ('dualsimclr_resnet18', dict(missing='zeros'), ('upernet',), (32,)),
+    ('test_diffusion_sr3', {}, ('fpn', 'linear'), (32, 40)),  # decoder-ordered levels; linear reads level 2 only
+    ('test_trimodal', {}, ('fpn', 'unet', 'linear'), (32,)),
 ]
 
 
@@ -183,8 +187,8 @@ def test_segmentation_model_shapes_and_backward(name, kwargs, decoders, sizes):
         assert model.num_classes == 4 and model.input_spec is model.backbone.input_spec
         assert model.pretrained_cfg.architecture == name
         for s in sizes:
-            x = eobackbones.example_input(model.input_spec, batch_size=2, image_size=s)
-            out = model(x)
+            x, kw = eobackbones.example_call(model.input_spec, batch_size=2, image_size=s)  # + conditions
+            out = model(x, **kw)
             assert out.shape == (2, 4, s, s), (decoder, s)
         out.square().mean().backward()
         assert not _trainable_without_grad(model), decoder
@@ -241,11 +245,3 @@ def test_segmentation_save_pretrained_roundtrip(tmp_path):
     five = eobackbones.create_model(f'local-dir:{tmp_path / "seg"}', num_classes=5)  # the one head rule: new decoder
     assert five.num_classes == 5 and five(x).shape == (2, 5, 32, 32)
 
-
-@pytest.fixture(autouse=True, scope='module')
-def _one_thread():
-    # these tests run many small models: one intra-op thread avoids oversubscribing the 2 shared cores
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)

@@ -426,11 +426,12 @@ def test_plot_without_matplotlib_is_a_clear_error(home, capsys, monkeypatch):
 
 
 def test_amp_dtype_choice(monkeypatch):
-    from eobackbones import optimize
+    from eobackbones import precision
     from eobackbones.eval.features import amp_dtype
-    monkeypatch.setattr(optimize, 'cpu_has_native_bf16', lambda: True)
-    assert amp_dtype(torch.device('cpu'), 'auto') == (torch.bfloat16, 'bf16 (auto: CPU with native bf16, AMX or AVX512-BF16)')
-    monkeypatch.setattr(optimize, 'cpu_has_native_bf16', lambda: False)
+    monkeypatch.setattr(precision, 'cpu_has_native_bf16', lambda: True)
+    dt, why = amp_dtype(torch.device('cpu'), 'auto')
+    assert dt is torch.bfloat16 and why.startswith('bf16 (auto: CPU with native bf16, ')
+    monkeypatch.setattr(precision, 'cpu_has_native_bf16', lambda: False)
     dt, why = amp_dtype(torch.device('cpu'), 'auto')
     assert dt is None and why.startswith('fp32 (auto: CPU without native bf16')
     assert amp_dtype(torch.device('cpu'), 'fp32')[0] is None

@@ -1,4 +1,5 @@
 """weights_manifest.yaml: every entry follows the schema and fits its model."""
+import dataclasses
 import copy
 from pathlib import Path
 
@@ -43,7 +44,9 @@ def test_entry_builds_a_model_with_matching_input_channels(cfg):
     import torch
     with torch.device('meta'):
         model = eobackbones.create_model(cfg.name)  # cfg and model_args of the tag, no weights
-    assert model.pretrained_cfg == cfg
+    # the model's cfg is the tag's, describing this instance's inputs (timm's data config reads it)
+    assert dataclasses.replace(model.pretrained_cfg, input_spec=cfg.input_spec) == cfg
+    assert model.pretrained_cfg.input_spec == model.input_spec
     x = eobackbones.example_input(model, image_size=cfg.input_spec.image_size, device='meta')
     with torch.no_grad():
         out = model.forward_head(model.forward_features(x), pre_logits=True)

@@ -17,13 +17,7 @@ SEED = int(os.environ.get('SEG_FIT_SEED', '0'))
 S2 = ('B02', 'B03', 'B04', 'B05', 'B06', 'B07', 'B08', 'B8A', 'B11', 'B12')
 
 
-@pytest.fixture(autouse=True, scope='module')
-def _one_thread():
-    # small models: one intra-op thread avoids oversubscribing the 2 shared cores
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')  # conftest: small models, one intra-op thread
 
 
 def test_pastis_mini_contents():

@@ -76,3 +76,24 @@ def test_checkpoint_path_and_overlay_need_consistent_arguments(saved):
         eobackbones.create_model('dualsimclr_resnet18_s2', pretrained_cfg_overlay=dict(file=str(d / 'w.safetensors')))
     with pytest.raises(ValueError, match='only "file"'):
         eobackbones.create_model('dualsimclr_resnet18_s2', pretrained=True, pretrained_cfg_overlay=dict(url='x'))
+
+
+def test_torchgeo_tasks_take_eob_names():
+    """torchgeo's tasks build backbones through timm (and smp's ``tu-`` encoders): ``eob_`` names work there."""
+    pytest.importorskip('torchgeo')
+    from torchgeo.trainers import ClassificationTask, SemanticSegmentationTask
+    torch.manual_seed(0)
+    task = ClassificationTask(model='eob_dualsimclr_resnet18_s2', weights=None, in_channels=13, num_classes=5)
+    assert task.model(torch.randn(2, 13, 64, 64)).shape == (2, 5)
+    seg = SemanticSegmentationTask(model='unet', backbone='tu-eob_dualsimclr_resnet18_s2', weights=None,
+                                   in_channels=13, num_classes=4)
+    assert seg.model(torch.randn(1, 13, 64, 64)).shape == (1, 4, 64, 64)
+
+
+def test_dofa_in_chans_is_checked_not_guessed():
+    m = timm.create_model('eob_dofa_small', in_chans=9)  # default binding: DOFA's nine Sentinel-2 bands
+    assert len(m.input_spec.modality().bands) == 9
+    with pytest.raises(eobackbones.errors.InvalidInputError, match=r'in_chans=3, but DOFA is bound to 9 bands'):
+        timm.create_model('eob_dofa_small', in_chans=3)
+    m = timm.create_model('eob_dofa_small', in_chans=3, wavelengths=[0.665, 0.56, 0.49])
+    assert len(m.input_spec.modality().bands) == 3

@@ -231,3 +231,45 @@ register_arch_cfg(PretrainedCfg('test_trimodal', input_spec=TRI_SPEC, notes='tes
 def test_trimodal(pretrained: bool = False, **kwargs) -> TriModal:
     """A tiny three-modality model with a conditioning input (tests only)."""
     return build_model_with_cfg(TriModal, 'test_trimodal', pretrained, **kwargs)
+
+
+# ---------------------------------------------------------------- tiny diffusion UNet encoders (the real family, small widths)
+# Five levels (reductions 1 .. 16) like the real SR3 / CM models, a few hundred k parameters; the spec, feature kwargs
+# and segmentation level are the real architectures' manifest entries at 32 px.
+from eobackbones.hub.manifest import parse_arch_entry  # noqa: E402
+from eobackbones.models.diffusion_unet import DiffusionEncoder, _create_diffusion  # noqa: E402
+
+TINY_DIFFUSION = {
+    'test_diffusion_sr3': ('diffusion_sr3_s2s1', dict(
+        unet_type='sr3', modalities=(('s2', 4), ('s1', 2)),
+        unet_args=dict(in_channel=6, out_channel=6, inner_channel=32, channel_mults=(1, 1, 2, 2, 2), attn_res=(16,),
+                       res_blocks=1, dropout=0.0, image_size=128))),
+    'test_diffusion_cm_cond': ('diffusion_cm_s2s1_cond', dict(
+        unet_type='openai', modalities=(('s2', 4), ('s1', 2)),
+        unet_args=dict(in_channels=6, out_channels=6, model_channels=32, channel_mult=(1, 1, 2, 2, 2), num_res_blocks=2,
+                       attention_resolutions=(8, 16), num_heads=4, use_spatial_transformer=True, context_dim=32),
+        context_embedder_args=dict(input_size=12, embedding_size=32, dropout_p=0.2, depth=3))),
+}
+
+
+def _tiny_diffusion_cfg(name: str, real: str) -> PretrainedCfg:
+    raw = raw_manifest()
+    entry = dict(raw['architectures'][real])
+    entry['input_spec'] = dict(raw['specs'][entry['input_spec']], image_size=[32, 32])
+    return parse_arch_entry(name, entry)
+
+
+for _name, (_real, _) in TINY_DIFFUSION.items():
+    register_arch_cfg(_tiny_diffusion_cfg(_name, _real))
+
+
+@register_model
+def test_diffusion_sr3(pretrained: bool = False, **kwargs) -> DiffusionEncoder:
+    """Tiny SR3 diffusion UNet encoder (inner width 32, 1 res block per level) for tests."""
+    return _create_diffusion('test_diffusion_sr3', pretrained, TINY_DIFFUSION['test_diffusion_sr3'][1], **kwargs)
+
+
+@register_model
+def test_diffusion_cm_cond(pretrained: bool = False, **kwargs) -> DiffusionEncoder:
+    """Tiny conditional CM diffusion UNet encoder (width 32, context 12 -> 32) for tests."""
+    return _create_diffusion('test_diffusion_cm_cond', pretrained, TINY_DIFFUSION['test_diffusion_cm_cond'][1], **kwargs)

@@ -41,7 +41,8 @@ from torch import nn
 
 from ..env import cache_home
 from ..errors import InvalidInputError, MissingModalityError, NormalisationError, UnknownBandError
-from .. import optimize
+from ..models import seg_feature_index  # noqa: F401  (the probe's segmentation level)
+from ..precision import precision_and_reason
 from ..sensors import get_sensor, resolve_band
 from ..spec import InputSpec, ModalitySpec
 from ..transforms import for_model
@@ -72,23 +73,10 @@ def amp_dtype(device: torch.device, requested: str = 'auto') -> Tuple[Optional[t
     """
     if requested not in ('auto', 'bf16', 'fp16', 'fp32'):
         raise ValueError(f'amp must be auto, bf16, fp16 or fp32, got {requested!r}')
-    if requested == 'fp32':
-        return None, 'fp32 (requested)'
-    if requested == 'bf16':
-        return torch.bfloat16, 'bf16 (requested)'
-    if requested == 'fp16':
-        if device.type != 'cuda':
-            raise ValueError('fp16 autocast is for CUDA devices; use --amp bf16 or fp32 on CPU')
-        return torch.float16, 'fp16 (requested)'
-    if device.type == 'cuda':
-        if torch.cuda.is_bf16_supported():
-            return torch.bfloat16, 'bf16 (auto: CUDA device supports bf16)'
-        return None, 'fp32 (auto: CUDA device without bf16)'
-    if device.type == 'cpu':
-        if optimize.cpu_has_native_bf16():
-            return torch.bfloat16, 'bf16 (auto: CPU with native bf16, AMX or AVX512-BF16)'
-        return None, f'fp32 (auto: CPU without native bf16, capability {torch.backends.cpu.get_cpu_capability()})'
-    return None, f'fp32 (auto: device {device.type})'
+    if requested == 'fp16' and device.type != 'cuda':
+        raise ValueError('fp16 autocast is for CUDA devices; use --amp bf16 or fp32 on CPU')
+    dtype, reason = precision_and_reason(requested, device)  # the package's one precision policy
+    return (None if dtype == torch.float32 else dtype), reason
 
 
 # ----------------------------------------------------------------------------------------------- distributed
@@ -384,20 +372,6 @@ def plan_inputs(model: nn.Module, data: Any, norm: str = 'auto', missing_bands: 
 
 
 # ----------------------------------------------------------------------------------------------- extraction
-
-
-def seg_feature_index(model: nn.Module) -> int:
-    """Index into ``feature_info`` of the map the segmentation probe uses: the cfg's ``seg_feature_index`` when the
-    family states one (e.g. a diffusion decoder level), else the last map at reduction 16, else the closest to 16."""
-    info = getattr(model, 'feature_info', None)
-    if not info:
-        raise InvalidInputError(f'{type(model).__name__} has no feature_info; the segmentation probe needs feature maps')
-    cfg = getattr(model, 'pretrained_cfg', None)
-    if cfg is not None and cfg.seg_feature_index is not None:
-        return int(cfg.seg_feature_index) % len(info)
-    red = [float(f['reduction']) for f in info]
-    exact = [i for i, r in enumerate(red) if r == 16]
-    return exact[-1] if exact else min(range(len(red)), key=lambda i: (abs(np.log2(red[i] / 16)), -i))
 
 
 def _as_input(plan: InputPlan, data: Any, rows: np.ndarray, device: torch.device):

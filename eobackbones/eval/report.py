@@ -60,9 +60,12 @@ def to_markdown(result: Dict[str, Any]) -> str:
                  f"NaN policy `{st['nan']}` ({ds.get('nan_summary', 'no NaN samples')}); "
                  f"unreadable files: {len(ds.get('unreadable', []))}")
     proto = st.get('protocol', 'eobackbones')
-    clf = ('kNN k=5 Euclidean on train, logreg C swept on val (raw features) then refit on train+val'
-           if proto == 'torchgeo-bench' else
-           f"kNN k={st['knn_k']} cosine, logreg L2 swept on val then refit on train+val")
+    if result.get('task', 'classification') == 'segmentation':
+        clf = 'per-pixel linear head (1x1 conv) on the frozen feature map, upsampled to the label grid'
+    elif proto == 'torchgeo-bench':
+        clf = 'kNN k=5 Euclidean on train, logreg C swept on val (raw features) then refit on train+val'
+    else:
+        clf = f"kNN k={st['knn_k']} cosine, logreg L2 swept on val then refit on train+val"
     lines.append(f"protocol `{proto}`, norm `{st['norm']}`, missing bands `{st['missing_bands']}`, device "
                  f"{st['device']}, autocast {st['amp']}, world size {st['world_size']}, {clf}; label fractions "
                  f"subsample train and val")

@@ -218,6 +218,9 @@ def write_safetensors(state_dict: Dict[str, torch.Tensor], path: Path, metadata:
     with atomic_path(path) as tmp:
         save_file(out, str(tmp), metadata=metadata)
         digest = sha256_file(tmp)
+    # the renamed file is the one just hashed (same size and mtime): loading it next does not hash it again
+    st = Path(path).stat()
+    _VERIFIED[(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)] = digest
     return digest
 
 

@@ -4,7 +4,7 @@ from ._builder import build_model_with_cfg, load_state_dict_strict
 from ._factory import (
     ResolvedModel, convert_checkpoint, create_model, create_segmentation_model, parse_model_name, resolve_model)
 from ._segmentation import SegmentationModel
-from ._features import FeatureGetter
+from ._features import FeatureGetter, seg_feature_index
 from ._multi import MultiEncoder
 from ._registry import (
     get_arch_cfg, get_pretrained_cfg, is_model, list_models, list_pretrained, list_tags, model_entrypoint,
@@ -18,6 +18,7 @@ from . import dofa  # noqa: F401
 from . import dualsimclr  # noqa: F401
 from . import fusion_vit  # noqa: F401
 from . import sslswin  # noqa: F401
+from . import diffusion_unet  # noqa: F401
 
 # every architecture (and any registered later) is also timm's `eob_<arch>`
 from ._registry import on_register as _on_register  # noqa: E402

@@ -2,8 +2,10 @@
 
 A family declares which weights index input channels: ``input_convs = {modality: ((state-dict key, dim), ...)}``
 (``None`` for the single modality of a tensor-input model; several modalities naming one key are stacked in the
-spec's modality order, as the diffusion UNet's input conv) and how to build the model for other channel counts:
-``args_for_channels({modality: n}) -> constructor kwargs``.
+spec's modality order, as the diffusion UNet's input conv; a third element ``'out'`` marks weights whose rows
+*produce* one value per band, as the diffusion UNet's noise-prediction conv: copied, never scaled) and how to build
+the model for other channel counts: ``args_for_channels({modality: n}, args) -> constructor kwargs`` (``args``: the
+constructor arguments before the change).
 
 Rules (by band identity, never by position):
 
@@ -15,8 +17,8 @@ Rules (by band identity, never by position):
 * a band without a centre wavelength (elevation, class maps) cannot be matched: an error.
 
 The report (logged, kept as ``model.band_adaptation`` and written into ``config.json``) lists every band and where
-its filter came from. Without band names (``in_chans=`` only) timm's count-based rule (``adapt_input_conv``) is the fallback,
-with a warning.
+its filter came from. Without band names (``in_chans=`` only) timm's count-based rule (``adapt_input_conv``) is the
+fallback, with a warning.
 """
 import logging
 import math
@@ -94,22 +96,26 @@ def band_plan(spec: InputSpec, new: Mapping[str, Sequence[str]]) -> Dict[str, Li
     return plan
 
 
-def _layout(spec: InputSpec, input_convs: Mapping[Optional[str], Sequence[Tuple[str, int]]]) -> Dict[Tuple[str, int], List[str]]:
-    """(key, dim) -> the modalities whose channels it holds, in the spec's order (stacked inputs)."""
-    out: Dict[Tuple[str, int], List[str]] = {}
+Conv = Tuple[Any, ...]  # (state-dict key, dim) or (key, dim, 'out')
+
+
+def _layout(spec: InputSpec, input_convs: Mapping[Optional[str], Sequence[Conv]]) -> Dict[Tuple[str, int, bool], List[str]]:
+    """(key, dim, is_output) -> the modalities whose channels it holds, in the spec's order (stacked inputs)."""
+    out: Dict[Tuple[str, int, bool], List[str]] = {}
     for m in spec.modalities:
         convs = input_convs.get(m.name) or (input_convs.get(None, ()) if len(spec.modalities) == 1 else ())
-        for key, dim in convs:
-            out.setdefault((key, dim), []).append(m.name)
+        for conv in convs:
+            key, dim = conv[0], conv[1]
+            out.setdefault((key, dim, len(conv) > 2 and conv[2] == 'out'), []).append(m.name)
     return out
 
 
 def adapt_state_dict_by_name(state_dict: Dict[str, torch.Tensor], spec: InputSpec,
-                             input_convs: Mapping[Optional[str], Sequence[Tuple[str, int]]],
+                             input_convs: Mapping[Optional[str], Sequence[Conv]],
                              plan: Mapping[str, List[Dict[str, Any]]]) -> Dict[str, torch.Tensor]:
     """The pretrained tensors re-indexed along their channel dim by ``plan`` (see :func:`band_plan`)."""
     sd = dict(state_dict)
-    for (key, dim), mods in _layout(spec, input_convs).items():
+    for (key, dim, is_out), mods in _layout(spec, input_convs).items():
         if key not in sd:
             continue
         w = sd[key]
@@ -118,7 +124,7 @@ def adapt_state_dict_by_name(state_dict: Dict[str, torch.Tensor], spec: InputSpe
             old = list(spec.modality(m).bands)
             for r in plan[m]:
                 idx = offset + old.index(r['source'])
-                parts.append(w.narrow(dim, idx, 1) * r['scale'])
+                parts.append(w.narrow(dim, idx, 1) * (1.0 if is_out else r['scale']))
             offset += len(old)
         if offset != w.shape[dim]:
             raise UnknownBandError(f'{key}: {w.shape[dim]} channels in the weights but the spec lists {offset} bands')
@@ -126,29 +132,30 @@ def adapt_state_dict_by_name(state_dict: Dict[str, torch.Tensor], spec: InputSpe
     return sd
 
 
-def _repeat_channels(w: torch.Tensor, n: int) -> torch.Tensor:
+def _repeat_channels(w: torch.Tensor, n: int, dim: int = 1, scale: bool = True) -> torch.Tensor:
     """timm's ``adapt_input_conv`` rule for any pretrained channel count (timm < 1.0.20 assumes 3): one channel sums
-    the filters, more repeat them cyclically scaled by ``old / n`` (activations keep their magnitude)."""
-    old = w.shape[1]
-    wf = w.float()
-    if n == 1:
-        out = wf.sum(dim=1, keepdim=True)
+    the filters, more repeat them cyclically scaled by ``old / n`` (activations keep their magnitude). Output rows
+    (``scale=False``) are repeated or truncated unscaled."""
+    old = w.shape[dim]
+    wf = w.float().movedim(dim, 0)
+    if n == 1 and scale:
+        out = wf.sum(dim=0, keepdim=True)
     else:
-        out = wf.repeat(1, math.ceil(n / old), *([1] * (w.ndim - 2)))[:, :n] * (old / n)
-    return out.to(w.dtype).contiguous()
+        out = wf.repeat(math.ceil(n / old), *([1] * (wf.ndim - 1)))[:n] * ((old / n) if scale else 1.0)
+    return out.movedim(0, dim).to(w.dtype).contiguous()
 
 
 def adapt_state_dict_by_count(state_dict: Dict[str, torch.Tensor], spec: InputSpec,
-                              input_convs: Mapping[Optional[str], Sequence[Tuple[str, int]]],
+                              input_convs: Mapping[Optional[str], Sequence[Conv]],
                               counts: Mapping[str, int]) -> Dict[str, torch.Tensor]:
     """timm's count-only ``adapt_input_conv`` (band identities unknown: repeated / summed filters)."""
     sd = dict(state_dict)
-    for (key, dim), mods in _layout(spec, input_convs).items():
-        if key not in sd or dim != 1 or len(mods) != 1:
+    for (key, dim, is_out), mods in _layout(spec, input_convs).items():
+        if key not in sd or len(mods) != 1:
             continue
         n = counts.get(mods[0])
-        if n is not None and n != sd[key].shape[1]:
-            _logger.warning('%s: adapting %d pretrained input channels to %d by count (band names unknown; pass '
-                            'bands= to map filters by band identity)', key, sd[key].shape[1], n)
-            sd[key] = _repeat_channels(sd[key], n)
+        if n is not None and n != sd[key].shape[dim]:
+            _logger.warning('%s: adapting %d pretrained channels to %d by count (band names unknown; pass bands= to '
+                            'map filters by band identity)', key, sd[key].shape[dim], n)
+            sd[key] = _repeat_channels(sd[key], n, dim, scale=not is_out)
     return sd

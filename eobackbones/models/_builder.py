@@ -130,16 +130,17 @@ def build_model_with_cfg(
     user_args = {k: v for k, v in kwargs.items() if v is not None}
     cfg = pretrained_cfg or get_pretrained_cfg(variant)
     input_convs = getattr(model_cls, 'input_convs', None)
+    base = merge_model_args(model_cls, dict(default_args or {}), dict(cfg.model_args) if cfg is not None else {})
     plan = None
     if input_convs is not None and 'bands' in user_args:
         # a fixed-band model on other bands: filters selected / reordered / stood in for by band name
         plan = band_plan(cfg.input_spec, normalise_bands(cfg.input_spec, user_args.pop('bands')))
-        user_args.update(model_cls.args_for_channels({m: len(rows) for m, rows in plan.items()}))
+        user_args.update(model_cls.args_for_channels({m: len(rows) for m, rows in plan.items()},
+                                                     merge_model_args(model_cls, base, user_args)))
         weights_spec = cfg.input_spec
         cfg = dataclasses.replace(cfg, input_spec=dataclasses.replace(weights_spec, modalities=tuple(
             m.with_bands([r['band'] for r in plan[m.name]], qualified=[r['qualified'] for r in plan[m.name]])
             for m in weights_spec.modalities)))
-    base = merge_model_args(model_cls, dict(default_args or {}), dict(cfg.model_args) if cfg is not None else {})
     args = merge_model_args(model_cls, base, user_args)
     # a saved features_only model records these in its model_args: it is rebuilt (and pruned) the same way
     features_only = args.pop('features_only', False)
@@ -154,8 +155,8 @@ def build_model_with_cfg(
             state_dict = adapt_state_dict_by_name(state_dict, weights_spec, input_convs, plan)
         elif input_convs is not None:
             own = model.state_dict()
-            counts = {m: own[k].shape[d] for m, convs in input_convs.items() for k, d in convs
-                      if k in own and k in state_dict and own[k].shape[d] != state_dict[k].shape[d]}
+            counts = {m: own[c[0]].shape[c[1]] for m, convs in input_convs.items() for c in convs
+                      if c[0] in own and c[0] in state_dict and own[c[0]].shape[c[1]] != state_dict[c[0]].shape[c[1]]}
             if counts:
                 counts = {(m if m is not None else cfg.input_spec.modalities[0].name): n for m, n in counts.items()}
                 state_dict = adapt_state_dict_by_count(state_dict, cfg.input_spec, input_convs, counts)

@@ -1,4 +1,5 @@
 """Multi-scale features for every backbone: ``features_only=True`` and ``forward_intermediates``."""
+import math
 from pathlib import Path
 from typing import Any, List, Optional, Sequence, Union
 
@@ -6,7 +7,9 @@ import torch
 from torch import nn
 from timm.models._features import FeatureInfo, feature_take_indices
 
-__all__ = ['FeatureInfo', 'feature_take_indices', 'FeatureGetter']
+from ..errors import InvalidInputError
+
+__all__ = ['FeatureInfo', 'feature_take_indices', 'FeatureGetter', 'seg_feature_index']
 
 
 class FeatureGetter(nn.Module):
@@ -55,3 +58,18 @@ class FeatureGetter(nn.Module):
             return inner.save_pretrained(save_dir, **kwargs)
         finally:
             inner.model_args = args
+
+
+def seg_feature_index(model: nn.Module) -> int:
+    """Index into ``feature_info`` of the map a single-level segmentation head reads (the probe's, ``decoder='linear'``):
+    the cfg's ``seg_feature_index`` when the family states one (e.g. a diffusion decoder level), else the last map at
+    reduction 16, else the closest to 16."""
+    info = getattr(model, 'feature_info', None)
+    if not info:
+        raise InvalidInputError(f'{type(model).__name__} has no feature_info; segmentation needs feature maps')
+    cfg = getattr(model, 'pretrained_cfg', None)
+    if cfg is not None and getattr(cfg, 'seg_feature_index', None) is not None:
+        return int(cfg.seg_feature_index) % len(info)
+    red = [float(f['reduction']) for f in info]
+    exact = [i for i, r in enumerate(red) if r == 16]
+    return exact[-1] if exact else min(range(len(red)), key=lambda i: (abs(math.log2(red[i] / 16)), -i))

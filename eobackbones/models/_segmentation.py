@@ -19,7 +19,7 @@ from ..errors import InvalidInputError
 from ..heads import FPNHead, LinearSegHead, SwinUNetDecoder, UNetHead, UPerNetHead
 from ._base import EOModelMixin
 from ._builder import build_model_with_cfg
-from ._features import feature_take_indices
+from ._features import feature_take_indices, seg_feature_index
 from ._multi import _prefix
 from ._registry import model_entrypoint
 
@@ -63,7 +63,8 @@ class SegmentationModel(EOModelMixin, nn.Module):
         backbone: a model built by ``create_model``.
         decoder: ``'fpn'``, ``'upernet'``, ``'unet'``, ``'linear'`` or ``'swinunet'``.
         num_classes: output classes.
-        out_indices: the ``feature_info`` levels the decoder reads (default: all).
+        out_indices: the ``feature_info`` levels the decoder reads (default: all; ``linear``: the one level
+            :func:`seg_feature_index` names).
         decoder_kwargs: constructor arguments of the decoder.
     """
     classifier_prefix = 'decoder'
@@ -74,6 +75,9 @@ class SegmentationModel(EOModelMixin, nn.Module):
         if decoder not in DECODERS:
             raise ValueError(f'decoder must be one of {list(DECODERS)}, got {decoder!r}')
         infos = [dict(fi) for fi in backbone.feature_info]
+        if decoder == 'linear' and out_indices is None:
+            # the linear head reads one map: keep only that level, so no pruned-away parameter goes without gradient
+            out_indices = [seg_feature_index(backbone)]
         take, _ = feature_take_indices(len(infos), out_indices)
         self.out_indices = tuple(int(i) for i in take)
         backbone.prune_intermediate_layers(list(self.out_indices), prune_norm=True, prune_head=True)

@@ -15,22 +15,26 @@ Origin (all MIT):
     - https://github.com/nicikess/remote-sensing-core (ben-ge preprocessing transforms).
     This is an independent implementation whose module names reproduce the upstream state-dict keys.
 
-Architectures (upstream configs):
-    - :class:`SR3UNet` (``backbones/s2_s1.yaml``): SR3 UNet of ddpm-cd, 6 -> 6 channels, inner 128, mults
-      [1, 2, 4, 8, 8], 2 res blocks, self-attention at 16 px (of 128), GroupNorm 32, dropout 0.2, noise-level
-      MLP on the *integer* timestep. About 391 M parameters.
-    - :class:`CMUNet` (``backbones/conditional/s1_s2_conditional.yaml``): OpenAI / latent-diffusion ``UNetModel``,
-      model channels 256, mults [1, 1, 2, 3, 4], 2 res blocks, ResBlock up/down, spatial transformers (depth 1,
-      4 heads) at downsampling 8 and 16 cross-attending to one context token from :class:`MLPEmbedder`
-      (12 scalars -> 256). The unconditional variant (``s1_s2_unconditional.yaml``) has plain attention blocks
-      and no embedder. About 547 M parameters (conditional).
-    - :class:`DiffusionEncoder`: the backbone users get (timm contract), holding ``unet`` (+ ``context_embedder``)
-      and the linear beta schedule (1e-4 .. 0.02, 1000 steps) as non-persistent buffers.
+Architectures (upstream configs), registered as:
+    - ``diffusion_sr3_s2s1``: :class:`SR3UNet` (``backbones/s2_s1.yaml``): SR3 UNet of ddpm-cd, 6 -> 6 channels,
+      inner 128, mults [1, 2, 4, 8, 8], 2 res blocks, self-attention at 16 px (of 128), GroupNorm 32, dropout 0.2,
+      noise-level MLP on the *integer* timestep. 391 M parameters.
+    - ``diffusion_cm_s2s1_cond``: :class:`CMUNet` (``backbones/conditional/s1_s2_conditional.yaml``): OpenAI /
+      latent-diffusion ``UNetModel``, model channels 256, mults [1, 1, 2, 3, 4], 2 res blocks, ResBlock up/down,
+      spatial transformers (depth 1, 4 heads) at downsampling 8 and 16 cross-attending to one context token from
+      :class:`MLPEmbedder` (12 scalars -> 256). 547 M parameters.
+    - ``diffusion_cm_s2s1``: the unconditional variant (``s1_s2_unconditional.yaml``): plain attention blocks, no
+      embedder.
+    Each is a :class:`DiffusionEncoder` (timm contract) holding ``unet`` (+ ``context_embedder``) and the linear
+    beta schedule (1e-4 .. 0.02, 1000 steps) as non-persistent buffers. Their input specs (bands, normalisation,
+    the 12 conditioning scalars, ``timestep`` / ``noise_seed``) are in ``weights_manifest.yaml``.
 
-Converter: :func:`convert_lontke_state_dict` maps the authors' Lightning ``state_dict`` (LitDDPM) to
-:class:`DiffusionEncoder` keys; :func:`read_lightning_checkpoint` reads a ``.ckpt`` with ``weights_only=True``.
-No weights were published (the configs point at the authors' cluster).
+Weights: none were published (the configs point at the authors' cluster). ``eobackbones convert ddpm --checkpoint
+epoch=19.ckpt --out DIR`` converts the authors' Lightning checkpoints (LitDDPM ``state_dict``; the release is read
+from the keys) into a ``save_pretrained`` directory for ``create_model('local-dir:DIR/<arch>')``;
+``examples/pretrain_diffusion.py`` pretrains your own.
 """
+import dataclasses
 import logging
 import math
 import pickle
@@ -43,17 +47,19 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..cfg import PretrainedCfg
 from ..errors import CheckpointFormatError, InvalidInputError, MissingModalityError, WeightsNotFoundError
-from ..layers.timestep import SR3NoiseLevelEncoding, openai_timestep_embedding
-from ..spec import InputSpec, ModalitySpec
+from ..hub.weights import ConverterOption, ConvertTarget, register_converter
+from ..layers import SR3NoiseLevelEncoding, openai_timestep_embedding
+from ..spec import CallArg, ConditionSpec, InputSpec
 from ._base import EOModelMixin
-from ._builder import _materialize, load_state_dict_strict
+from ._builder import adapt_spec, build_model_with_cfg
 from ._features import feature_take_indices
+from ._registry import register_model
 
 __all__ = [
     'SR3UNet', 'CMUNet', 'MLPEmbedder', 'DiffusionEncoder', 'diffusion_schedule', 'convert_lontke_state_dict',
-    'read_lightning_checkpoint', 'load_lontke_checkpoint', 'lontke_input_spec', 'ARCH_ARGS', 'CONTEXT_NAMES',
-    'SCHEDULE_BUFFERS',
+    'detect_release', 'read_lightning_checkpoint', 'RELEASE_ARCHS', 'CONTEXT_NAMES', 'SCHEDULE_BUFFERS',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -840,7 +846,22 @@ class DiffusionEncoder(EOModelMixin, nn.Module):
       ``context`` is the *embedded* token, :meth:`embed_context`); :meth:`denoise` takes the 12 raw scalars.
     - With a classifier (``num_classes > 0``) the decoder, which the classification path does not use, is frozen
       (``requires_grad=False``); ``num_classes=0`` (pretraining, segmentation) keeps every parameter trainable.
+    - Inputs are validated by the ``input_spec`` (:meth:`check_call`): keys, channels, dtype, finite values, the
+      context's shape; ``timestep`` / ``noise_seed`` default to its call arguments.
     """
+
+    # the stacked S2+S1 input conv and the noise-prediction conv index the bands (both UNet types' keys):
+    # create_model(..., pretrained=True, bands={'s2': [...], 's1': [...]}) maps them by band name
+    input_convs = {m: (('unet.init_conv.weight', 1), ('unet.input_blocks.0.0.weight', 1),
+                       ('unet.final_conv.block.3.weight', 0, 'out'), ('unet.final_conv.block.3.bias', 0, 'out'),
+                       ('unet.out.2.weight', 0, 'out'), ('unet.out.2.bias', 0, 'out')) for m in ('s2', 's1')}
+
+    @staticmethod
+    def args_for_channels(counts: Dict[str, int], args: Dict[str, Any]) -> Dict[str, Any]:
+        mods = tuple((m, counts.get(m, c)) for m, c in args.get('modalities', (('s2', 4), ('s1', 2))))
+        n = sum(c for _, c in mods)
+        keys = ('in_channel', 'out_channel') if args.get('unet_type', 'sr3') == 'sr3' else ('in_channels', 'out_channels')
+        return dict(modalities=mods, unet_args=dict(args.get('unet_args') or {}, **{k: n for k in keys}))
 
     def __init__(
             self,
@@ -982,11 +1003,14 @@ class DiffusionEncoder(EOModelMixin, nn.Module):
                 f'stacked (B, {self.in_chans}, H, W) tensor, got {_tensor_shape(x)}')
         return x
 
-    def _context_vector(self, context: Any, batch: int) -> torch.Tensor:
+    def _context_vector(self, context: Any, batch: Optional[int] = None) -> torch.Tensor:
+        """``context`` as the (B, 12) vector: a tensor, or upstream's keyword groups concatenated in their order."""
         if isinstance(context, Mapping):
             missing = [k for k, _ in CONTEXT_GROUPS if context.get(k) is None]
             if missing:
                 raise MissingModalityError(f'context dict misses {missing}; expected keys {[k for k, _ in CONTEXT_GROUPS]}')
+            first = context[CONTEXT_GROUPS[0][0]]
+            batch = batch if batch is not None else (first.shape[0] if isinstance(first, torch.Tensor) and first.ndim else None)
             parts = []
             for k, n in CONTEXT_GROUPS:
                 v = context[k]
@@ -996,8 +1020,10 @@ class DiffusionEncoder(EOModelMixin, nn.Module):
                 parts.append(v)
             context = torch.cat(parts, dim=1)
         n = self.context_embedder.input_size
-        if not isinstance(context, torch.Tensor) or context.ndim != 2 or context.shape != (batch, n):
-            raise InvalidInputError(f'context: expected ({batch}, {n}) normalised scalars {list(CONTEXT_NAMES)}, '
+        rows = batch if batch is not None else 'B'
+        if not isinstance(context, torch.Tensor) or context.ndim != 2 or context.shape[1] != n or (
+                batch is not None and context.shape[0] != batch):
+            raise InvalidInputError(f'context: expected ({rows}, {n}) normalised scalars {list(CONTEXT_NAMES)}, '
                                     f'got {_tensor_shape(context)}')
         return context
 
@@ -1016,11 +1042,43 @@ class DiffusionEncoder(EOModelMixin, nn.Module):
             raise MissingModalityError(
                 'the conditional diffusion UNet needs context=(B, 12): min-max scaled [-1, 1] scalars '
                 + ', '.join(CONTEXT_NAMES))
-        batch = batch if batch is not None else (context.shape[0] if isinstance(context, torch.Tensor)
-                                                 else len(next(iter(context.values()))))
         vec = self._context_vector(context, batch)
         p = self.context_embedder.layers[0].weight
         return self.context_embedder(vec.to(p.device).unsqueeze(1))
+
+    def check_call(self, x: Any, context: Any = None, timestep: Any = None, noise_seed: Any = None,
+                   ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Any, Any]:
+        """Validate a call; returns ``(stacked x0, context vector or None, timestep, noise_seed)``.
+
+        With an ``input_spec`` (models built by ``create_model``) the spec checks everything in one place: modality
+        keys, channels, sizes, dtype, finite values, the context's shape and rows, unknown keywords; ``timestep``
+        and ``noise_seed`` default to the spec's call arguments (the constructor's values). A stacked
+        ``(B, C, H, W)`` tensor is split into its modalities first (S2 then S1).
+
+        Raises:
+            InvalidInputError / MissingModalityError: one line naming what was expected and what was given.
+        """
+        if isinstance(x, torch.Tensor) and x.ndim == 4 and x.shape[1] == self.in_chans:
+            parts, c0 = {}, 0
+            for m, c in self.modalities:
+                parts[m], c0 = x[:, c0:c0 + c], c0 + c
+            x = parts
+        elif not isinstance(x, Mapping):
+            self.stack_input(x)  # raises the one-line error naming the dict and the stacked form
+        if context is not None:
+            if not self.conditional:
+                raise InvalidInputError('this diffusion UNet is unconditional; context must be None')
+            context = self._context_vector(context)
+        if self.input_spec is None:  # built directly, not through create_model: the model's own checks
+            x0 = self.stack_input(x)
+            if self.conditional and context is None:
+                self.embed_context(None)  # raises, naming the 12 values
+            if context is not None:
+                context = self._context_vector(context, x0.shape[0])
+            return x0, context, timestep, noise_seed
+        given = dict(context=context, timestep=timestep, noise_seed=noise_seed)
+        kw = self.check_input(x, **{k: v for k, v in given.items() if v is not None})
+        return self.stack_input(x), kw.get('context'), kw.get('timestep'), kw.get('noise_seed')
 
     def _pad_info(self, h: int, w: int) -> Tuple[int, int, int, int]:
         m = self.size_multiple
@@ -1056,7 +1114,7 @@ class DiffusionEncoder(EOModelMixin, nn.Module):
             t = torch.full((batch,), t, dtype=torch.long, device=device)
         else:
             raise InvalidInputError(f'timestep: expected an int or a ({batch},) integer tensor, got {type(t).__name__}')
-        if bool((t < 0).any()) or bool((t >= self.num_timesteps).any()):
+        if not t.is_meta and (bool((t < 0).any()) or bool((t >= self.num_timesteps).any())):
             raise InvalidInputError(f'timestep must be in [0, {self.num_timesteps - 1}], got {t.tolist()}')
         return t
 
@@ -1080,9 +1138,10 @@ class DiffusionEncoder(EOModelMixin, nn.Module):
                       ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Tuple[int, int, int, int]]:
         """What the feature path feeds the UNet: ``(x_t, t, context token or None, padding info)``.
 
-        ``x_t = q_sample(pad(stack(x)), t, noise)`` with the per-call seeded noise (see the class docstring).
+        ``x_t = q_sample(pad(stack(x)), t, noise)`` with the per-call seeded noise (see the class docstring);
+        the call is validated first (:meth:`check_call`).
         """
-        x0 = self.stack_input(x)
+        x0, context, timestep, noise_seed = self.check_call(x, context, timestep, noise_seed)
         ctx = self.embed_context(context, x0.shape[0])
         x0, info = self.pad_input(x0)
         t = self.timesteps(timestep, x0.shape[0], x0.device)
@@ -1206,6 +1265,27 @@ _PREFIXES = {
     'cm_conditional': (('p_theta_model._p_theta_model.', 'unet.'), ('p_theta_model.context_embedder.', 'context_embedder.')),
     'cm_unconditional': (('p_theta_model.', 'unet.'),),
 }
+# release -> the registered architecture a checkpoint of it converts to
+RELEASE_ARCHS = {'sr3': 'diffusion_sr3_s2s1', 'cm_conditional': 'diffusion_cm_s2s1_cond',
+                 'cm_unconditional': 'diffusion_cm_s2s1'}
+# one key only each release's UNet has (the input conv)
+_RELEASE_KEYS = (('cm_conditional', 'p_theta_model._p_theta_model.input_blocks.0.0.weight'),
+                 ('sr3', 'p_theta_model.init_conv.weight'),
+                 ('cm_unconditional', 'p_theta_model.input_blocks.0.0.weight'))
+
+
+def detect_release(state_dict: Mapping[str, Any], what: str = 'checkpoint') -> str:
+    """Which upstream model a LitDDPM ``state_dict`` holds: ``sr3``, ``cm_conditional`` or ``cm_unconditional``.
+
+    Raises:
+        CheckpointFormatError: none of the three input-conv keys is there.
+    """
+    for release, key in _RELEASE_KEYS:
+        if key in state_dict:
+            return release
+    raise CheckpointFormatError(
+        f'{what}: not a LitDDPM checkpoint of the Lontke et al. diffusion UNets (none of '
+        f'{[k for _, k in _RELEASE_KEYS]}; first keys {list(state_dict)[:4]})')
 
 
 def convert_lontke_state_dict(state_dict: Mapping[str, torch.Tensor], arch: str) -> Dict[str, torch.Tensor]:
@@ -1217,7 +1297,7 @@ def convert_lontke_state_dict(state_dict: Mapping[str, torch.Tensor], arch: str)
 
     Args:
         state_dict: the checkpoint's ``state_dict`` (see :func:`read_lightning_checkpoint`).
-        arch: ``sr3``, ``cm_conditional`` or ``cm_unconditional``.
+        arch: the release, ``sr3``, ``cm_conditional`` or ``cm_unconditional`` (see :func:`detect_release`).
 
     Raises:
         CheckpointFormatError: unknown ``arch``, or no key of the expected layout at all.
@@ -1269,7 +1349,8 @@ def read_lightning_checkpoint(path: Union[str, Path]) -> Dict[str, torch.Tensor]
     (``torch.serialization.get_unsafe_globals_in_checkpoint``, which runs nothing), then loads with
     ``weights_only=True`` while each of them is bound to an inert placeholder class (:class:`_Opaque`), so
     torch's restricted unpickler builds placeholders instead of running their code. Only the tensors of
-    ``state_dict`` are returned; modules torch blocks outright (``os``, ``sys``, ...) still fail the load.
+    ``state_dict`` are returned (memory-mapped from the file: the rest, e.g. the optimizer state, is never read);
+    modules torch blocks outright (``os``, ``sys``, ...) still fail the load.
 
     Raises:
         WeightsNotFoundError: no file at ``path``.
@@ -1285,7 +1366,9 @@ def read_lightning_checkpoint(path: Union[str, Path]) -> Dict[str, torch.Tensor]
     stubs = [(type(name.rsplit('.', 1)[-1], (_Opaque,), {'__slots__': ()}), name) for name in unsafe]
     try:
         with torch.serialization.safe_globals(stubs):
-            raw = torch.load(str(path), map_location='cpu', weights_only=True)
+            # memory-mapped: only the tensors the state dict keeps are ever read (a Lightning file also holds the
+            # optimizer's moments, twice the weights' size)
+            raw = torch.load(str(path), map_location='cpu', weights_only=True, mmap=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointFormatError(f'{path.name}: refused or unreadable checkpoint ({first[:200]})') from None
@@ -1302,66 +1385,97 @@ def read_lightning_checkpoint(path: Union[str, Path]) -> Dict[str, torch.Tensor]
     return dict(sd)
 
 
-# ================================================================== cfgs (data; registration by the lead)
-
-_SR3_S2S1 = dict(in_channel=6, out_channel=6, inner_channel=128, norm_groups=32, channel_mults=[1, 2, 4, 8, 8],
-                 attn_res=[16], res_blocks=2, dropout=0.2, image_size=128)
-_CM = dict(in_channels=6, out_channels=6, model_channels=256, num_res_blocks=2, attention_resolutions=[32, 16, 8],
-           dropout=0.0, channel_mult=[1, 1, 2, 3, 4], num_heads=4, resblock_updown=True)
-_MODS = [['s2', 4], ['s1', 2]]
-
-# constructor arguments of DiffusionEncoder per upstream release (JSON data)
-ARCH_ARGS: Dict[str, Dict[str, Any]] = {
-    'sr3': dict(unet_type='sr3', unet_args=_SR3_S2S1, modalities=_MODS),
-    'cm_conditional': dict(
-        unet_type='openai', unet_args=dict(_CM, use_spatial_transformer=True, transformer_depth=1, context_dim=256),
-        context_embedder_args=dict(input_size=12, embedding_size=256, dropout_p=0.2, depth=3), modalities=_MODS),
-    'cm_unconditional': dict(
-        unet_type='openai', unet_args=dict(_CM, use_spatial_transformer=False, context_dim=None), modalities=_MODS),
-}
+def _read_ddpm(path: Path, what: str) -> Dict[str, torch.Tensor]:
+    return read_lightning_checkpoint(path)
 
 
-def load_lontke_checkpoint(checkpoint: Union[str, Path, Mapping[str, torch.Tensor]], arch: str,
-                           **kwargs: Any) -> DiffusionEncoder:
-    """Build the ``arch`` encoder on ``meta`` and load an upstream Lightning checkpoint (path or state dict) strictly.
-
-    Args:
-        checkpoint: ``.ckpt`` path, or the upstream ``state_dict``.
-        arch: ``sr3``, ``cm_conditional`` or ``cm_unconditional``.
-        **kwargs: further :class:`DiffusionEncoder` arguments (``num_classes``, ``timestep`` ...).
-
-    Raises:
-        CheckpointFormatError: unreadable file, unknown / missing keys or shape mismatches.
-    """
-    sd = checkpoint if isinstance(checkpoint, Mapping) else read_lightning_checkpoint(checkpoint)
-    if arch not in ARCH_ARGS:
-        raise CheckpointFormatError(f'unknown Lontke release {arch!r}; known: {list(ARCH_ARGS)}')
-    with torch.device('meta'):
-        model = DiffusionEncoder(**dict(ARCH_ARGS[arch], **kwargs))
-    allow = ('head.*',) if model.num_classes else ()
-    load_state_dict_strict(model, convert_lontke_state_dict(sd, arch), allow, source=f'lontke {arch}', assign=True)
-    _materialize(model)
-    return model.eval()
+def _ddpm_targets(raw: Mapping[str, torch.Tensor], options: Dict[str, Any]) -> List[ConvertTarget]:
+    """The architecture of a checkpoint: from its release (keys), or ``arch=`` (checked against the release)."""
+    release = detect_release(raw)
+    arch = options.get('arch') or RELEASE_ARCHS[release]
+    other = {a: r for r, a in RELEASE_ARCHS.items()}.get(arch)
+    if other is not None and other != release:
+        raise CheckpointFormatError(f'the checkpoint holds the {release} release ({RELEASE_ARCHS[release]}); '
+                                    f'--option arch={arch} is the {other} release')
+    return [ConvertTarget(arch)]
 
 
-def lontke_input_spec(image_size: int = 120) -> InputSpec:
-    """Input spec of the ben-ge S2 + S1 diffusion models (the conditioning scalars are in :data:`CONTEXT_NAMES`).
+@register_converter(
+    'ddpm', archs=tuple(RELEASE_ARCHS.values()), targets=_ddpm_targets, reader=_read_ddpm,
+    options={'arch': ConverterOption(str, None, 'architecture to build (default: from the checkpoint\'s release: '
+                                                + ', '.join(f'{r} -> {a}' for r, a in RELEASE_ARCHS.items()) + ')')},
+    description='Lightning checkpoint (LitDDPM, ssl-ddpm-rs) read with weights_only=True, pickled non-tensor objects '
+                'outside `state_dict` bound to inert placeholders; kept: every UNet weight (`p_theta_model.` / '
+                '`p_theta_model._p_theta_model.` -> `unet.`) and the context embedder (`p_theta_model.context_embedder.`'
+                ' -> `context_embedder.`); dropped by name: the 9 diffusion schedule buffers (recomputed bit for bit), '
+                'optimizer / scheduler / loop / callback state and hyper-parameters')
+def _convert_ddpm(raw: Mapping[str, torch.Tensor], cfg: PretrainedCfg) -> Dict[str, torch.Tensor]:
+    """LitDDPM ``state_dict`` -> the keys of ``cfg``'s architecture (release from the keys, checked)."""
+    release = detect_release(raw, cfg.name)
+    want = {a: r for r, a in RELEASE_ARCHS.items()}.get(cfg.architecture)
+    if want is not None and want != release:
+        raise CheckpointFormatError(f'{cfg.name}: the checkpoint is the {release} release, this model needs the {want} one')
+    return convert_lontke_state_dict(raw, release)
 
-    S2 (BigEarthNet L2A, 12-band order) channels [3, 2, 1, 7] = B04, B03, B02, B08, clipped to [0, 10000] and
-    min-max scaled to [-1, 1]; S1 dB clipped to [-25, 0], min-max to [-1, 1]; then zero-padded 4 px per side to
-    128 (done by the model). S1 band order of ben-ge's stacked arrays: VH, VV (inferred, see notes).
-    """
-    s2 = ModalitySpec(
-        name='s2', sensor='sentinel2', bands=('B04', 'B03', 'B02', 'B08'), unit='reflectance_1e4',
-        processing_level='L2A', gsd_m=10,
-        normalization=({'op': 'clip', 'min': 0.0, 'max': 10000.0},
-                       {'op': 'minmax', 'min': 0.0, 'max': 10000.0, 'out': [-1.0, 1.0]}),
-        notes='ben-ge / BigEarthNet Sentinel-2 L2A; 120 px patches zero-padded to 128 inside the model.')
-    s1 = ModalitySpec(
-        name='s1', sensor='sentinel1', bands=('VH', 'VV'), unit='dB', processing_level='GRD', gsd_m=10,
-        normalization=({'op': 'clip', 'min': -25.0, 'max': 0.0},
-                       {'op': 'minmax', 'min': -25.0, 'max': 0.0, 'out': [-1.0, 1.0]}),
-        notes='ben-ge S1 *_all_bands.npy band order is not stated in the reference code; VH, VV is inferred from '
-              'a dataset sample printed in nicikess/remote-sensing-core notebooks/Ben_Ge_test_notebook.ipynb '
-              '(channel 0 is 6-12 dB below channel 1 at every shown pixel, as VH is below VV).')
-    return InputSpec(modalities=(s2, s1), image_size=(image_size, image_size), input_format='dict', size_multiple=1)
+
+# ================================================================== create / entrypoints
+
+def _spec_fn(model: DiffusionEncoder, cfg: Optional[PretrainedCfg]) -> Optional[InputSpec]:
+    """The weights' spec made true for the instance: channel counts, the context it takes (none when unconditional)
+    and its own ``timestep`` / ``noise_seed`` defaults as the call arguments' defaults."""
+    spec = cfg.input_spec if cfg is not None else None
+    if spec is None:
+        return None
+    spec = adapt_spec(spec, {m: c for m, c in model.modalities if m in spec.modality_names})
+    conds = tuple(c for c in spec.conditions if c.name != 'context')
+    if model.conditional:
+        ctx = next((c for c in spec.conditions if c.name == 'context'), None)
+        n = model.context_embedder.input_size
+        if ctx is None or ctx.size != n:
+            names = CONTEXT_NAMES if n == len(CONTEXT_NAMES) else tuple(f'c{i}' for i in range(n))
+            ctx = ConditionSpec('context', names, notes=f'{n} conditioning values; no normalisation is known for '
+                                                        f'this instance: normalise them as its weights saw them')
+        conds += (ctx,)
+    defaults = {'timestep': model.default_timestep, 'noise_seed': model.default_noise_seed}
+    args = tuple(dataclasses.replace(a, default=defaults[a.name]) if a.name in defaults else a for a in spec.call_args)
+    args += tuple(CallArg(k, v) for k, v in defaults.items() if k not in {a.name for a in args})
+    return dataclasses.replace(spec, conditions=conds, call_args=args)
+
+
+def _create_diffusion(variant: str, pretrained: bool = False, default_args: Optional[Dict[str, Any]] = None,
+                      **kwargs: Any) -> DiffusionEncoder:
+    return build_model_with_cfg(DiffusionEncoder, variant, pretrained, spec_fn=_spec_fn, default_args=default_args,
+                                **kwargs)
+
+
+@register_model
+def diffusion_sr3_s2s1(pretrained: bool = False, **kwargs: Any) -> DiffusionEncoder:
+    """SR3 diffusion UNet encoder, S2 [B04, B03, B02, B08] + S1 [VH, VV] (Lontke et al. 2024; 391 M)."""
+    model_args = dict(
+        unet_type='sr3', modalities=(('s2', 4), ('s1', 2)),
+        unet_args=dict(in_channel=6, out_channel=6, inner_channel=128, norm_groups=32, channel_mults=(1, 2, 4, 8, 8),
+                       attn_res=(16,), res_blocks=2, dropout=0.2, image_size=128))
+    return _create_diffusion('diffusion_sr3_s2s1', pretrained, model_args, **kwargs)
+
+
+@register_model
+def diffusion_cm_s2s1_cond(pretrained: bool = False, **kwargs: Any) -> DiffusionEncoder:
+    """Conditional "CM" diffusion UNet encoder, S2 + S1 with 12 climate / weather / season scalars (547 M)."""
+    model_args = dict(
+        unet_type='openai', modalities=(('s2', 4), ('s1', 2)),
+        unet_args=dict(in_channels=6, out_channels=6, model_channels=256, num_res_blocks=2,
+                       attention_resolutions=(32, 16, 8), dropout=0.0, channel_mult=(1, 1, 2, 3, 4), num_heads=4,
+                       resblock_updown=True, use_spatial_transformer=True, transformer_depth=1, context_dim=256),
+        context_embedder_args=dict(input_size=12, embedding_size=256, dropout_p=0.2, depth=3))
+    return _create_diffusion('diffusion_cm_s2s1_cond', pretrained, model_args, **kwargs)
+
+
+@register_model
+def diffusion_cm_s2s1(pretrained: bool = False, **kwargs: Any) -> DiffusionEncoder:
+    """Unconditional "CM" diffusion UNet encoder, S2 + S1 (plain attention blocks)."""
+    model_args = dict(
+        unet_type='openai', modalities=(('s2', 4), ('s1', 2)),
+        unet_args=dict(in_channels=6, out_channels=6, model_channels=256, num_res_blocks=2,
+                       attention_resolutions=(32, 16, 8), dropout=0.0, channel_mult=(1, 1, 2, 3, 4), num_heads=4,
+                       resblock_updown=True, use_spatial_transformer=False, context_dim=None))
+    return _create_diffusion('diffusion_cm_s2s1', pretrained, model_args, **kwargs)

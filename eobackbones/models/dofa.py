@@ -521,8 +521,15 @@ def _spec_fn(model: DOFA, cfg: Optional[PretrainedCfg]) -> InputSpec:
 
 def _create_dofa(variant: str, pretrained: bool = False, default_args: Optional[Dict[str, Any]] = None,
                  **kwargs: Any) -> DOFA:
-    return build_model_with_cfg(DOFA, variant, pretrained, spec_fn=_spec_fn, default_args=default_args,
-                                **kwargs)
+    # timm's channel count (torchgeo's ClassificationTask passes in_chans=) cannot say which bands: it is checked
+    # against the bound bands, never used to choose them
+    in_chans = kwargs.pop('in_chans', None)
+    model = build_model_with_cfg(DOFA, variant, pretrained, spec_fn=_spec_fn, default_args=default_args, **kwargs)
+    bound = model.input_spec.modality().bands if model.input_spec is not None else ()
+    if in_chans is not None and int(in_chans) != len(bound):
+        raise InvalidInputError(f'{variant}: in_chans={in_chans}, but DOFA is bound to {len(bound)} bands '
+                                f'{list(bound)}; name the input channels with bands= (or wavelengths=)')
+    return model
 
 
 @register_model

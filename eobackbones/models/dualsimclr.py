@@ -50,7 +50,7 @@ class SimCLRResNet(EOModelMixin, ResNet):
     input_convs = {None: (('conv1.weight', 1),)}
 
     @staticmethod
-    def args_for_channels(counts: Dict[str, int]) -> Dict[str, Any]:
+    def args_for_channels(counts: Dict[str, int], args: Dict[str, Any]) -> Dict[str, Any]:
         return dict(in_chans=next(iter(counts.values())))
 
     def __init__(
@@ -206,7 +206,7 @@ def _pair(encoder: Union[str, Dict[str, Any]], in_chans: Dict[str, int] = None, 
 
 
 _pair.input_convs = {'s1': (('s1.conv1.weight', 1),), 's2': (('s2.conv1.weight', 1),)}
-_pair.args_for_channels = lambda counts: dict(in_chans=dict(counts))
+_pair.args_for_channels = lambda counts, args: dict(in_chans=dict(counts))
 
 
 def _create_pair(variant: str, pretrained: bool = False, default_args: Optional[Dict[str, Any]] = None,

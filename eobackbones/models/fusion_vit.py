@@ -1088,7 +1088,7 @@ def _builder(spec: Optional[InputSpec]) -> Callable[..., FusionViT]:
     def build(**kwargs: Any) -> FusionViT:
         return FusionViT(**kwargs)
     build.input_convs = {m: ((f'patch_embed.{m}.proj.weight', 1),) for m in names}
-    build.args_for_channels = lambda counts: dict(modalities={m: int(counts[m]) for m in names if m in counts})
+    build.args_for_channels = lambda counts, args: dict(modalities={m: int(counts[m]) for m in names if m in counts})
     return build
 
 

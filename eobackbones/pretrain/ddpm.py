@@ -178,13 +178,16 @@ class DDPMObjective(nn.Module):
         self.diffusion = GaussianDiffusion.from_encoder(encoder)
 
     def prepare(self, x: Any) -> torch.Tensor:
-        """Stacked, padded ``x0``."""
+        """Stacked, padded ``x0`` (shape checks only; :meth:`forward` validates the whole call)."""
         x0, _ = self.encoder.pad_input(self.encoder.stack_input(x))
         return x0
 
     def forward(self, x: Any, context: Any = None, t: Optional[torch.Tensor] = None,
                 noise: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        x0 = self.prepare(x)
+        """The epsilon-prediction loss of a batch; ``x`` and ``context`` are validated as the encoder validates its
+        inputs (:meth:`DiffusionEncoder.check_call`: keys, channels, dtype, finite values, the context)."""
+        x0, context, _, _ = self.encoder.check_call(x, context)
+        x0, _ = self.encoder.pad_input(x0)
         kwargs = {'context': context} if self.encoder.conditional else {}
         return self.diffusion.loss(self.encoder.denoise, x0, t=t, noise=noise, generator=generator, **kwargs)
 
