@@ -16,6 +16,7 @@ from ..hub.weights import register_converter
 # families: each file registers its own entrypoints and converters
 from . import dofa  # noqa: F401
 from . import dualsimclr  # noqa: F401
+from . import fusion_vit  # noqa: F401
 from . import sslswin  # noqa: F401
 from . import diffusion_unet  # noqa: F401
 

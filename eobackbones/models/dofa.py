@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from timm.models.vision_transformer import Block
 from torch.utils.checkpoint import checkpoint
@@ -33,7 +32,7 @@ from torch.utils.checkpoint import checkpoint
 from ..cfg import PretrainedCfg
 from ..errors import CheckpointFormatError, InvalidInputError, UnknownBandError
 from ..hub.weights import ConverterOption, ConvertTarget, register_converter
-from ..layers import DynamicPatchEmbed, resample_abs_pos_embed, sincos_2d_pos_embed
+from ..layers import DynamicPatchEmbed, ViTPyramid, resample_abs_pos_embed, sincos_2d_pos_embed
 from ..sensors import Band, get_sensor, resolve_bands
 from ..spec import InputSpec, ModalitySpec, check_image
 from ._base import EOModelMixin
@@ -49,7 +48,6 @@ DEFAULT_BANDS = ('B04', 'B03', 'B02', 'B05', 'B06', 'B07', 'B08', 'B11', 'B12')
 
 # blocks feeding the 4 pyramid levels (strides patch/4, patch/2, patch, 2 * patch)
 _FEATURE_BLOCKS = {12: (3, 5, 7, 11), 24: (5, 11, 17, 23), 32: (7, 15, 23, 31)}
-_LEVEL_SCALES = (4.0, 2.0, 1.0, 0.5)
 
 
 _MAX_WAVELENGTH_UM = 100.0
@@ -224,6 +222,8 @@ class DOFA(EOModelMixin, nn.Module):
         self.fc_norm = norm_layer(embed_dim, **dd)
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
+        # parameter-free (bilinear x4 / x2, identity, 2x2 max-pool), so it works on any pretrained weights
+        self.pyramid = ViTPyramid(embed_dim, 'interpolate', **dd)
 
         if feature_blocks is None:
             feature_blocks = _FEATURE_BLOCKS.get(
@@ -231,9 +231,7 @@ class DOFA(EOModelMixin, nn.Module):
         if len(feature_blocks) != 4 or not all(0 <= b < depth for b in feature_blocks):
             raise ValueError(f'feature_blocks must be 4 block indices in [0, {depth}), got {feature_blocks}')
         self.feature_blocks = tuple(int(b) for b in feature_blocks)
-        self.feature_info = [
-            dict(num_chs=embed_dim, reduction=_reduction(patch_size, s), module=f'blocks.{b}')
-            for b, s in zip(self.feature_blocks, _LEVEL_SCALES)]
+        self.feature_info = self.pyramid.feature_info(patch_size, [f'blocks.{b}' for b in self.feature_blocks])
         self.init_weights()
 
     # ------------------------------------------------------------------ wavelengths
@@ -424,7 +422,7 @@ class DOFA(EOModelMixin, nn.Module):
                 t = self.fc_norm(x) if norm else x
                 fmap = t[:, self.num_prefix_tokens:].reshape(t.shape[0], gh, gw, -1).permute(0, 3, 1, 2)
                 for key in want[i]:
-                    out[key] = _rescale(fmap, _LEVEL_SCALES[key]) if pyramid else fmap.contiguous()
+                    out[key] = self.pyramid.forward_level(fmap, key) if pyramid else fmap.contiguous()
         feats = [out[k] for k in take]
         if output_fmt == 'NLC':
             feats = [f.flatten(2).transpose(1, 2) for f in feats]
@@ -441,19 +439,6 @@ class DOFA(EOModelMixin, nn.Module):
         if prune_head:
             self.reset_classifier(0, '')
         return take
-
-
-def _reduction(patch_size: int, scale: float) -> Union[int, float]:
-    r = patch_size / scale
-    return int(r) if float(r).is_integer() else r
-
-
-def _rescale(x: torch.Tensor, scale: float) -> torch.Tensor:
-    if scale > 1:
-        return F.interpolate(x, scale_factor=scale, mode='bilinear', align_corners=False)
-    if scale < 1:
-        return F.max_pool2d(x, kernel_size=int(round(1 / scale)))
-    return x.contiguous()
 
 
 # ---------------------------------------------------------------------- checkpoints
