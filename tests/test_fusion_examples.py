@@ -23,12 +23,7 @@ TINY = ['--model-args', json.dumps(dict(depth=1, embed_dim=64, num_heads=2, dim_
         '--decoder-depth', '1', '--decoder-heads', '2', '--batch-size', '8', '--no-progress']
 
 
-@pytest.fixture(autouse=True, scope='module')
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models on 2 shared cores: more threads only wait for each other
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')  # conftest: small models, one intra-op thread
 
 
 @pytest.fixture(scope='module')

@@ -5,17 +5,11 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from eobackbones.cli import main
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')  # conftest: small models, one intra-op thread
 
 
 def test_probe_every_modality_subset_is_a_row(tmp_path):

@@ -38,14 +38,7 @@ MODS3 = OrderedDict(s1=1, s2=3, dem=1)
 
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Small ops dominate these models at test sizes; on a shared 2-core machine two OpenMP threads per op spin
-    # against other processes and run ~10x slower than one (measured: 85 s vs 7.5 s for the pretraining test).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures('one_thread')  # conftest: small models, one intra-op thread
 
 
 # ----------------------------------------------------------------------------------------------- upstream
