@@ -648,3 +648,17 @@ def test_so2sat_adapter_converts_units_and_maps_bands(tmp_path):
         np.testing.assert_allclose(data.images['s1'][j], real.images['s1'][i][[vh, vv], :32, :32], atol=2e-4)
         np.testing.assert_allclose(data.images['s2'][j], real.images['s2'][i][s2_idx, :32, :32], atol=0.01)
         assert data.labels[j] == (3 * i) % 17
+
+
+def test_norm_auto_records_its_choice_per_model_in_rows_and_report(home):
+    """--norm auto (the default): the weights' own statistics where the units match, a z-score where they do not;
+    the choice is in every row and in the Markdown report, never only in the settings."""
+    from eobackbones.eval.linear_probe import run_probe
+    from eobackbones.eval.report import to_markdown
+    r = run_probe(_args('--model', 'tptinyany', 'tptinypair', '--pretrained', 'none', *FAST))
+    norms = {(row['model'], row['row']): row['norm'] for row in r['rows']}
+    assert norms[('tptinyany', 'random-init')] == 'dataset-zscore'  # satlas_8bit weights, reflectance data
+    assert norms[('tptinypair', 'random-init')] == 'model-native'   # reflectance / dB, as the spec
+    md = to_markdown(r)
+    assert 'tptinyany random-init: bands image: B01,' in md and 'norm image dataset-zscore' in md
+    assert 'norm s2 model-native, s1 model-native' in md

@@ -107,6 +107,8 @@ def to_markdown(result: Dict[str, Any]) -> str:
             if p.get('resized_from'):
                 extra.append(f"resized {p['resized_from']} -> {p['image_size']}")
             bands = '; '.join(f'{k}: {",".join(v)}' for k, v in p['model_bands'].items())
+            if p.get('norm_by_modality'):  # what --norm auto chose, per modality (never silent)
+                extra.insert(0, 'norm ' + ', '.join(f'{k} {v}' for k, v in p['norm_by_modality'].items()))
             notes.append(f"{m['model']} {m['row']}: bands {bands}; image {p['image_size'][0]}x{p['image_size'][1]}"
                          + (f"; {'; '.join(extra)}" if extra else '')
                          + f"; features {'from cache' if m.get('cache_hits') == m.get('extractions') else 'extracted'}")
