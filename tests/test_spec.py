@@ -128,3 +128,18 @@ def test_example_input_follows_the_spec():
     assert set(x) == {'s2', 's1'} and x['s2'].shape == (3, 2, 16, 24)
     assert eobackbones.example_input(spec, image_size=8)['s1'].shape == (1, 2, 8, 8)
     assert torch.equal(eobackbones.example_input(spec, seed=1)['s2'], eobackbones.example_input(spec, seed=1)['s2'])
+
+
+def test_finite_check_catches_every_nan_and_inf_and_no_finite_input():
+    """The input check's one-sum shortcut: non-finite anywhere (any float dtype) fails, finite values whose sum
+    overflows pass (the exact check decides)."""
+    from eobackbones.spec import _all_finite
+    x = torch.randn(3, 4)
+    assert _all_finite(x) and _all_finite(torch.arange(5))
+    for bad in (float('nan'), float('inf'), -float('inf')):
+        y = x.clone()
+        y[1, 2] = bad
+        for dt in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+            assert not _all_finite(y.to(dt)), (bad, dt)
+    assert not _all_finite(torch.tensor([float('inf'), -float('inf')]))
+    assert _all_finite(torch.full((4,), 3e38)) and _all_finite(torch.full((10,), 6e4, dtype=torch.float16))
