@@ -291,7 +291,7 @@ class _GemmShapes(TorchDispatchMode):
                 a, b = (args[0], args[1]) if name == 'bmm' else (args[1], args[2])
                 self._add(a.shape[1], a.shape[2], b.shape[2], a.shape[0])
             elif name == 'convolution':
-                x, w = args[0], args[1]
+                w = args[1]
                 groups = args[8] if len(args) > 8 else 1
                 o = out
                 self._add(o.shape[0] * math.prod(o.shape[2:]), w.shape[1] * math.prod(w.shape[2:]),
@@ -1012,7 +1012,7 @@ def _run_group(cfg: BenchConfig, runner: _Runner, device: torch.device, mode: st
                 except Exception as e2:  # noqa: BLE001
                     if not _is_oom(e2):
                         raise
-                    c.status, c.error = 'oom', _first_line(e2)
+                    c.status, c.error = 'oom', first_line(e2)
                     dead[(c.key, mode)] = batch
                     _free(device)
     rows = []

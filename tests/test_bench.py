@@ -377,3 +377,23 @@ def test_benchmark_model_row():
     feats = bench.benchmark_model(TINY, batch_size=2, dtype='bf16', image_size=64, mode='features', warmup=1,
                                   iters=2)
     assert feats['image_size'] == '64x64' and feats['mode'] == 'features'
+
+
+def test_out_of_memory_while_timing_is_retried_one_by_one_then_a_row(monkeypatch):
+    """The first calls fit, timing all candidates together does not: each is timed alone, and one that still does
+    not fit becomes an 'oom' row (the others keep their times)."""
+    import eobackbones.bench as bench_mod
+    real_interleaved, calls = bench_mod.time_interleaved, []
+
+    def interleaved(fns, *a, **k):
+        if len(fns) > 1:
+            raise torch.OutOfMemoryError('CUDA out of memory (simulated, all candidates resident)')
+        calls.append(1)
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError('CUDA out of memory (simulated, alone)')
+        return real_interleaved(fns, *a, **k)
+    monkeypatch.setattr(bench_mod, 'time_interleaved', interleaved)
+    rows = run_bench(_cfg(models=[TINY], batch_sizes=[1], precisions=['fp32', 'auto'], modes=['infer'],
+                          iters=1))['rows']
+    status = sorted((r['status'], r.get('error') or '') for r in rows)
+    assert status[0] == ('ok', '') and any(s == 'oom' and 'alone' in e for s, e in status), status
