@@ -20,7 +20,12 @@ processes: keep them off (the examples' default) when comparing runs.
 """
 from __future__ import annotations
 
+import argparse
+import csv
+import io
+import json
 import os
+from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
@@ -30,6 +35,7 @@ import torch.nn.functional as F
 
 import eobackbones
 from eobackbones import transforms
+from eobackbones._io import atomic_path, atomic_write_text
 from eobackbones.spec import InputSpec
 
 
@@ -229,3 +235,24 @@ def progress(iterable, enabled: bool, **kw):
         return iterable
     from tqdm.auto import tqdm
     return tqdm(iterable, **kw)
+
+
+def write_loss_logs(out: Path, history: List[Dict[str, Any]], fields: Sequence[str]) -> None:
+    """``loss.csv`` and ``loss.json`` of a pretraining run, each written atomically."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(fields))
+    w.writeheader()
+    w.writerows(history)
+    atomic_write_text(out / 'loss.csv', buf.getvalue())
+    atomic_write_text(out / 'loss.json', json.dumps(history, indent=1) + '\n')
+
+
+def save_checkpoint(out: Path, module: torch.nn.Module, opt: torch.optim.Optimizer, step: int,
+                    history: List[Dict[str, Any]], args: argparse.Namespace, fields: Sequence[str]) -> None:
+    """``checkpoint.pt`` (module and optimiser state, step, loss log, arguments but ``--resume``) and the loss logs;
+    atomic, so an interrupted save leaves the previous checkpoint intact for ``--resume``."""
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / 'checkpoint.pt') as tmp:
+        torch.save(dict(model=module.state_dict(), optimizer=opt.state_dict(), step=step, history=history,
+                        args={k: v for k, v in vars(args).items() if k != 'resume'}), tmp)
+    write_loss_logs(out, history, fields)

@@ -40,8 +40,6 @@ end, written atomically), ``loss.csv`` / ``loss.json`` (step, loss, lr, seconds)
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import sys
 import time
@@ -57,7 +55,6 @@ import _common as C  # noqa: E402
 
 import eobackbones  # noqa: E402
 from eobackbones import transforms  # noqa: E402
-from eobackbones._io import atomic_path, atomic_write_text  # noqa: E402
 from eobackbones.data.datasets import ProbeData, nan_policy  # noqa: E402
 from eobackbones.pretrain import DDPMObjective  # noqa: E402
 
@@ -203,20 +200,7 @@ def step_draws(seed: int, step: int, batch: int, shape: tuple, num_timesteps: in
     return t, torch.randn((batch, *shape), generator=g)
 
 
-def write_logs(out: Path, history: List[Dict[str, Any]]) -> None:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=['step', 'loss', 'lr', 'seconds'])
-    w.writeheader()
-    w.writerows(history)
-    atomic_write_text(out / 'loss.csv', buf.getvalue())
-    atomic_write_text(out / 'loss.json', json.dumps(history, indent=1) + '\n')
-
-
-def save_checkpoint(out: Path, encoder, opt, step: int, history: List[Dict[str, Any]], args: argparse.Namespace) -> None:
-    with atomic_path(out / 'checkpoint.pt') as tmp:
-        torch.save(dict(model=encoder.state_dict(), optimizer=opt.state_dict(), step=step, history=history,
-                        args={k: v for k, v in vars(args).items() if k != 'resume'}), tmp)
-    write_logs(out, history)
+LOG_FIELDS = ('step', 'loss', 'lr', 'seconds')
 
 
 # ---------------------------------------------------------------- training
@@ -298,13 +282,13 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         if show:
             bar.set_postfix(loss=f'{float(total):.4f}')
         if rank == 0 and ((step + 1) % args.save_every == 0) and step + 1 < args.steps:
-            save_checkpoint(out, encoder, opt, step + 1, history, args)
+            C.save_checkpoint(out, encoder, opt, step + 1, history, args, LOG_FIELDS)
     steps = args.steps
     final = dict(steps=steps, loss=history[-1]['loss'] if history else None,
                  loss_first=history[0]['loss'] if history else None)
     if rank == 0:
         encoder.cpu()
-        save_checkpoint(out, encoder, opt, steps, history, args)
+        C.save_checkpoint(out, encoder, opt, steps, history, args, LOG_FIELDS)
         model_dir = encoder.save_pretrained(out / 'model', note=f'pretrained by the user on {data.name} for {steps} steps')
         print(f'FINAL {json.dumps(final)}', flush=True)
         print(f'saved {model_dir} (eobackbones.create_model("local-dir:{model_dir}")); loss log {out / "loss.csv"}')

@@ -41,8 +41,6 @@ steps and at the end, written atomically), ``loss.csv`` / ``loss.json``, and ``m
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import math
 import sys
@@ -58,7 +56,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
 import eobackbones  # noqa: E402
-from eobackbones._io import atomic_path, atomic_write_text  # noqa: E402
 from eobackbones.data.datasets import ProbeData  # noqa: E402
 from eobackbones.pretrain import FusionMAE  # noqa: E402
 
@@ -206,22 +203,7 @@ def lr_at(step: int, args: argparse.Namespace) -> float:
     return args.lr * warm * 0.5 * (1 + math.cos(math.pi * step / args.steps))
 
 
-def write_logs(out: Path, history: List[Dict[str, Any]]) -> None:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=['step', 'loss', 'recon', 'contrast', 'modalities', 'lr', 'seconds'])
-    w.writeheader()
-    w.writerows(history)
-    atomic_write_text(out / 'loss.csv', buf.getvalue())
-    atomic_write_text(out / 'loss.json', json.dumps(history, indent=1) + '\n')
-
-
-def save_checkpoint(out: Path, objective: FusionMAE, opt, step: int, history: List[Dict[str, Any]],
-                    args: argparse.Namespace) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out / 'checkpoint.pt') as tmp:
-        torch.save(dict(model=objective.state_dict(), optimizer=opt.state_dict(), step=step, history=history,
-                        args={k: v for k, v in vars(args).items() if k != 'resume'}), tmp)
-    write_logs(out, history)
+LOG_FIELDS = ('step', 'loss', 'recon', 'contrast', 'modalities', 'lr', 'seconds')
 
 
 # ---------------------------------------------------------------- training
@@ -305,18 +287,18 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
             bar.set_postfix(loss=f'{float(total[0]):.4f}')
         if step + 1 == args.stop_after and step + 1 < args.steps:
             if rank == 0:
-                save_checkpoint(out, objective.cpu(), opt, step + 1, history, args)
+                C.save_checkpoint(out, objective.cpu(), opt, step + 1, history, args, LOG_FIELDS)
                 print(f'stopped after step {step + 1} of {args.steps}; --resume continues', flush=True)
             C.cleanup_distributed()
             return dict(steps=step + 1, loss=history[-1]['loss'], loss_first=history[0]['loss'], stopped=True)
         if rank == 0 and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
-            save_checkpoint(out, objective, opt, step + 1, history, args)
+            C.save_checkpoint(out, objective, opt, step + 1, history, args, LOG_FIELDS)
     steps = args.steps
     final = dict(steps=steps, loss=history[-1]['loss'] if history else None,
                  loss_first=history[0]['loss'] if history else None)
     if rank == 0:
         objective.cpu()
-        save_checkpoint(out, objective, opt, steps, history, args)
+        C.save_checkpoint(out, objective, opt, steps, history, args, LOG_FIELDS)
         model_dir = enc.save_pretrained(out / 'model', note=f'pretrained by the user (FusionMAE) on {data.name} '
                                                             f'{"+".join(args.splits)} for {steps} steps')
         print(f'FINAL {json.dumps(final)}', flush=True)
