@@ -263,7 +263,7 @@ def test_cm_conditional_parity(tmp_path):
         ctx = vec['input.context']
         assert torch.equal(x.reshape(-1)[:256], vec['input.x.first256'])
         assert torch.equal(synth.image((1, 12), 2.0), ctx)
-        t, t500 = vec['input.t'], vec['input.t500']
+        t500 = vec['input.t500']
 
         ce = model.embed_context(ctx)
         _check('cm.context_emb', ce, vec['context_emb'])

@@ -11,7 +11,7 @@ import eobackbones as eb
 from eobackbones.errors import CheckpointFormatError, InvalidInputError, UnknownBandError
 from eobackbones.layers import sincos_2d_pos_embed
 from eobackbones.models.dofa import DEFAULT_BANDS, DOFA
-from eobackbones.sensors import band_wavelengths, get_sensor, resolve_bands
+from eobackbones.sensors import band_wavelengths, get_sensor
 
 tgd = pytest.importorskip('torchgeo.models.dofa')
 

@@ -6,7 +6,6 @@ import hashlib
 import http.client
 import os
 import socket
-import time
 from pathlib import Path
 from urllib.parse import urlsplit
 

@@ -3,7 +3,6 @@
 It exercises the registry, builder, loader and contract without the cost of a real backbone, and has an
 "upstream" checkpoint format (keys under ``module.``, optimiser state beside them) with its converter.
 """
-from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn

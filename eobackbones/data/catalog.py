@@ -6,7 +6,7 @@ instead of being silently ignored. Register more with :func:`register_dataset`.
 """
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 from .datasets import ProbeData, load_bigearthnet_mini, load_folder
 from .segmentation import load_pastis_mini

@@ -8,7 +8,7 @@ weight_tokens, bias_token}``.
 """
 import contextlib
 from collections import OrderedDict
-from typing import List, Literal, Optional, Sequence, Tuple, Union
+from typing import Literal, Optional, Tuple
 
 import torch
 import torch.nn.functional as F

@@ -3,7 +3,7 @@ import dataclasses
 import json
 import logging
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Protocol, Sequence, Set, Tuple, Union, runtime_checkable
+from typing import Any, Dict, List, Optional, Protocol, Set, Tuple, Union, runtime_checkable
 
 import torch
 from torch import nn

@@ -9,7 +9,7 @@ import fnmatch
 import re
 import sys
 from collections import OrderedDict
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from ..cfg import PretrainedCfg
 from ..errors import UnknownModelError

@@ -21,7 +21,6 @@ import dataclasses
 import logging
 import math
 from functools import partial
-from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Union
 
 import torch
