@@ -24,6 +24,7 @@ import argparse
 import csv
 import io
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -32,9 +33,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 import eobackbones
-from eobackbones import transforms
+from eobackbones import finetune, transforms
 from eobackbones._io import atomic_path, atomic_write_text
 from eobackbones.spec import InputSpec
 
@@ -210,6 +212,26 @@ def make_optimizer(name: str, groups: List[Dict[str, Any]]) -> torch.optim.Optim
     raise ValueError(f'unknown optimizer {name!r}')
 
 
+
+def training_setup(model: torch.nn.Module, args: argparse.Namespace, n_train: int, device: torch.device, world: int
+                   ) -> Tuple[torch.nn.Module, torch.nn.Module, List[Dict[str, Any]], torch.optim.Optimizer, Any]:
+    """What the fine-tuning examples share between building the model and the loop: ``--freeze-until``,
+    global-batch BatchNorm, layer-decay groups, the optimiser, DDP and the cosine schedule over the run's steps.
+
+    Returns ``(model, core, groups, opt, sched)``: ``model`` is DDP-wrapped when ``world > 1``, ``core`` never is.
+    """
+    if args.freeze_until is not None:
+        until = int(args.freeze_until) if args.freeze_until.lstrip('-').isdigit() else args.freeze_until
+        finetune.freeze(model, until=until)
+    core = finetune.convert_sync_batchnorm(model.to(device))
+    groups = finetune.param_groups_layer_decay(core, args.lr, args.weight_decay, args.layer_decay)
+    opt = make_optimizer(args.opt, groups)
+    model = DDP(core, device_ids=[device.index] if device.type == 'cuda' else None) if world > 1 else core
+    steps_per_epoch = max(1, n_train // args.batch_size)
+    total = steps_per_epoch * args.epochs if args.max_steps is None else min(args.max_steps, steps_per_epoch * args.epochs)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    return model, core, groups, opt, sched
+
 def shard(a: np.ndarray, rank: int, world: int) -> np.ndarray:
     """This process's contiguous share of ``a`` (near-equal shares, none empty when len(a) >= world)."""
     return np.array_split(a, world)[rank]
@@ -256,3 +278,22 @@ def save_checkpoint(out: Path, module: torch.nn.Module, opt: torch.optim.Optimiz
         torch.save(dict(model=module.state_dict(), optimizer=opt.state_dict(), step=step, history=history,
                         args={k: v for k, v in vars(args).items() if k != 'resume'}), tmp)
     write_loss_logs(out, history, fields)
+
+
+def resume_checkpoint(out: Path, module: torch.nn.Module, opt: torch.optim.Optimizer, args: argparse.Namespace,
+                      rank: int, resume_keys: Sequence[str]) -> Tuple[int, List[Dict[str, Any]]]:
+    """Load ``save_checkpoint``'s file into ``module`` and ``opt`` when ``--resume`` and it exists; returns
+    ``(step, history)`` (``(0, [])`` otherwise). Settings in ``resume_keys`` that differ from the checkpoint's are
+    printed as a warning."""
+    ckpt = out / 'checkpoint.pt'
+    if not (args.resume and ckpt.is_file()):
+        return 0, []
+    state = torch.load(ckpt, map_location='cpu', weights_only=True)
+    module.load_state_dict(state['model'])
+    opt.load_state_dict(state['optimizer'])
+    if rank == 0:
+        changed = {k: (state['args'].get(k), getattr(args, k)) for k in resume_keys
+                   if state['args'].get(k) != getattr(args, k)}
+        print(f'resumed from {ckpt} at step {state["step"]}' + (f'; WARNING: settings changed since the checkpoint '
+                                                               f'(then, now): {changed}' if changed else ''), flush=True)
+    return int(state['step']), list(state['history'])

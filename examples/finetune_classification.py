@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -37,7 +36,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
@@ -176,20 +174,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
     for n, p in model.named_parameters():
         if n in unused:  # e.g. a contrastive projection head off the classification path
             p.requires_grad_(False)
-    if args.freeze_until is not None:
-        until = int(args.freeze_until) if args.freeze_until.lstrip('-').isdigit() else args.freeze_until
-        finetune.freeze(model, until=until)
     if args.grad_checkpointing:
         backbone.set_grad_checkpointing(True)
-    model = finetune.convert_sync_batchnorm(model.to(device))
-    groups = finetune.param_groups_layer_decay(model, args.lr, args.weight_decay, args.layer_decay)
-    opt = C.make_optimizer(args.opt, groups)
-    core = model
-    if world > 1:
-        model = DDP(model, device_ids=[device.index] if device.type == 'cuda' else None)
-    steps_per_epoch = max(1, len(train_rows) // args.batch_size)
-    total = steps_per_epoch * args.epochs if args.max_steps is None else min(args.max_steps, steps_per_epoch * args.epochs)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    model, core, groups, opt, sched = C.training_setup(model, args, len(train_rows), device, world)
     if rank == 0:
         print(f'{args.model} + {args.head} head: {sum(p.numel() for p in core.parameters()) / 1e6:.2f} M parameters, '
               f'{len(groups)} lr groups (layer decay {args.layer_decay}), input {size}, normalisation {norm_used}, '

@@ -230,18 +230,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     opt = (torch.optim.AdamW(objective.parameters(), lr=args.lr, weight_decay=args.weight_decay) if args.opt == 'adamw'
            else torch.optim.SGD(objective.parameters(), lr=args.lr, weight_decay=args.weight_decay))
 
-    step, history = 0, []
-    ckpt = out / 'checkpoint.pt'
-    if args.resume and ckpt.is_file():
-        state = torch.load(ckpt, map_location='cpu', weights_only=True)
-        encoder.load_state_dict(state['model'])
-        opt.load_state_dict(state['optimizer'])
-        step, history = int(state['step']), list(state['history'])
-        if rank == 0:
-            changed = {k: (state['args'].get(k), getattr(args, k)) for k in _RESUME_KEYS
-                       if state['args'].get(k) != getattr(args, k)}
-            print(f'resumed from {ckpt} at step {step}' + (f'; WARNING: settings changed since the checkpoint '
-                                                            f'(then, now): {changed}' if changed else ''), flush=True)
+    step, history = C.resume_checkpoint(out, encoder, opt, args, rank, _RESUME_KEYS)
     model = DDP(objective, device_ids=[device.index] if device.type == 'cuda' else None) if world > 1 else objective
     steps_per_epoch = max(1, n // args.batch_size)
     if rank == 0:

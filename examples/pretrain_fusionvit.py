@@ -229,18 +229,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     opt = (torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay) if args.opt == 'adamw'
            else torch.optim.SGD(params, lr=args.lr, momentum=0.9, weight_decay=args.weight_decay))
 
-    step, history = 0, []
-    ckpt = out / 'checkpoint.pt'
-    if args.resume and ckpt.is_file():
-        state = torch.load(ckpt, map_location='cpu', weights_only=True)
-        objective.load_state_dict(state['model'])
-        opt.load_state_dict(state['optimizer'])
-        step, history = int(state['step']), list(state['history'])
-        if rank == 0:
-            changed = {k: (state['args'].get(k), getattr(args, k)) for k in _RESUME_KEYS
-                       if state['args'].get(k) != getattr(args, k)}
-            print(f'resumed from {ckpt} at step {step}' + (f'; WARNING: settings changed since the checkpoint '
-                                                            f'(then, now): {changed}' if changed else ''), flush=True)
+    step, history = C.resume_checkpoint(out, objective, opt, args, rank, _RESUME_KEYS)
     # absent modalities (S2-only batches) leave their patch embedding, decoder and contrastive token unused
     model = DDP(objective, device_ids=[device.index] if device.type == 'cuda' else None,
                 find_unused_parameters=True) if world > 1 else objective
