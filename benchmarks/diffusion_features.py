@@ -24,7 +24,6 @@ import argparse
 import json
 import platform
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
@@ -32,16 +31,10 @@ import torch
 import torch.nn.functional as F
 
 import eobackbones
+from eobackbones._io import git_commit
 from eobackbones.models.diffusion_unet import RELEASE_ARCHS, DiffusionEncoder
 from eobackbones.transforms import example_call
 
-
-def _git_commit() -> str:
-    try:
-        return subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return 'unknown'
 
 
 def _build(name: str, device: torch.device) -> DiffusionEncoder:
@@ -118,7 +111,7 @@ def main() -> None:
     result = dict(
         model=args.model, batch=args.batch, size=args.size, repeats=args.repeats, device=str(device),
         device_name=torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or platform.machine(),
-        threads=torch.get_num_threads(), torch=torch.__version__, commit=_git_commit(),
+        threads=torch.get_num_threads(), torch=torch.__version__, commit=git_commit(Path(__file__).parent) or 'unknown',
         params=sum(p.numel() for p in model.parameters()), build_s=round(build_s, 2),
         seconds=med,
         speedup_features_vs_full={p: med[f'full_{p}'] / med[f'features_{p}'] for p in ('fp32', 'bf16')},

@@ -40,17 +40,10 @@ os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
 import torch  # noqa: E402
 import torch.nn.functional as F
 
+from eobackbones._io import git_commit
 from eobackbones.models.fusion_vit import zorro_attention
 
 WIDTHS = {'tiny': 3, 'base': 12}  # heads of 64
-
-
-def _git_commit() -> str:
-    try:
-        return subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return 'unknown'
 
 
 def make_inputs(m: int, px: int, heads: int, batch: int, device: str, grad: bool = False):
@@ -220,7 +213,7 @@ def main() -> None:
                       f'{row.get("memory_mb", "")}', flush=True)
     dev = torch.cuda.get_device_name() if args.device.startswith('cuda') else (platform.processor() or 'cpu')
     meta = dict(device=dev, torch=torch.__version__, threads=args.threads, batch=args.batch,
-                repeats=args.repeats, commit=_git_commit(), machine=platform.machine(),
+                repeats=args.repeats, commit=git_commit(Path(__file__).parent) or 'unknown', machine=platform.machine(),
                 omp_wait_policy=os.environ.get('OMP_WAIT_POLICY'), load_avg=os.getloadavg())
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

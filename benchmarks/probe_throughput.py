@@ -21,7 +21,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from eobackbones import create_model
 from eobackbones.bench import benchmark_model, git_commit
 from eobackbones.data import load_bigearthnet_mini, nan_policy
 from eobackbones.eval.features import amp_dtype, extract_features, plan_inputs
